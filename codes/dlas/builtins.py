@@ -1,0 +1,66 @@
+"""Where each built-in component lives: ``name -> module`` per registry, imported on first use.
+
+This table is what keeps ``import dlas`` fast and a broken optional dependency local to the component that
+needs it. ``tests/test_registry.py`` checks that it matches the ``@X.register("name")`` decorators in the
+source, so a component added without an entry here (or an entry without a component) fails the tests.
+"""
+
+NETWORKS = {
+    # SR generators and discriminators
+    "rrdbnet": "dlas.models.sr.rrdbnet",
+    "srresnet": "dlas.models.sr.srresnet",
+    "compact_sr": "dlas.models.sr.compact",
+    "vgg_discriminator": "dlas.models.sr.discriminators",
+    "unet_discriminator": "dlas.models.sr.discriminators",
+    # normalizing-flow SR
+    "srflow": "dlas.models.srflow.srflow",
+}
+
+INJECTORS = {
+    "generator": "dlas.injectors.basic",
+    "noise": "dlas.injectors.basic",
+    "interpolate": "dlas.injectors.basic",
+    "crop": "dlas.injectors.basic",
+    "constant": "dlas.injectors.basic",
+    "randn_like": "dlas.injectors.basic",
+    "detach": "dlas.injectors.basic",
+    "add": "dlas.injectors.basic",
+    "scale": "dlas.injectors.basic",
+    "index": "dlas.injectors.basic",
+    "image_patch": "dlas.injectors.sr",
+}
+
+LOSSES = {
+    "pix": "dlas.losses.pixel",
+    "direct": "dlas.losses.pixel",
+    "perceptual": "dlas.losses.perceptual",
+    "generator_gan": "dlas.losses.gan",
+    "discriminator_gan": "dlas.losses.gan",
+    "gradient_penalty": "dlas.losses.gan",
+    "translational": "dlas.losses.translational",
+}
+
+DATASETS = {
+    "image_folder": "dlas.data.image_folder",
+    "paired_folder": "dlas.data.paired_folder",
+    "single_image": "dlas.data.single_image",
+}
+
+EVALUATORS = {
+    "sr": "dlas.evaluators.sr",
+    "loss": "dlas.evaluators.loss",
+    "srflow": "dlas.evaluators.srflow",
+}
+
+OPTIMIZERS = {
+    "adam": "dlas.trainer.optimizers",
+    "adamw": "dlas.trainer.optimizers",
+    "sgd": "dlas.trainer.optimizers",
+}
+
+SCHEDULERS = {
+    "constant": "dlas.trainer.schedulers",
+    "multistep": "dlas.trainer.schedulers",
+    "cosine": "dlas.trainer.schedulers",
+    "linear_warmup": "dlas.trainer.schedulers",
+}

@@ -1,0 +1,1 @@
+"""ExtensibleTrainer: the step/injector/loss graph, the train loop, checkpoints, EMA, precision."""
