@@ -96,10 +96,12 @@ class Registry:
         return failures
 
     # ------------------------------------------------------------------ building
-    def check(self, cfg: Any, path: str, reserved: Iterable[str] = ()) -> list[Problem]:
+    def check(self, cfg: Any, path: str, reserved: Iterable[str] = (), provided: Iterable[str] = ()) -> list[Problem]:
         """Return every problem of ``cfg`` against the signature of its ``type`` (empty list: fine).
 
         ``reserved`` names keys the framework handles itself (e.g. a loss's ``weight``); they are skipped.
+        ``provided`` names constructor arguments the framework passes itself (e.g. an optimizer's ``params``):
+        they are neither required from nor accepted in the config.
         """
         if not isinstance(cfg, dict):
             return [Problem(path, f"expected a mapping with a 'type:' key, got {type(cfg).__name__}")]
@@ -109,7 +111,8 @@ class Registry:
             target = self.get(cfg["type"], f"{path}.type")
         except ConfigError as exc:
             return exc.problems
-        return check_call(target, {k: v for k, v in cfg.items() if k != "type" and k not in set(reserved)}, path)
+        user = {k: v for k, v in cfg.items() if k != "type" and k not in set(reserved)}
+        return check_call(target, user, path, provided)
 
     def build(self, cfg: dict, path: Optional[str] = None, reserved: Iterable[str] = (), **extra: Any) -> Any:
         """Validate ``cfg`` against its ``type``'s signature, then construct it.
@@ -117,7 +120,7 @@ class Registry:
         ``extra`` keyword arguments are supplied by the framework (not user keys) and are not validated.
         """
         path = path or self.kind
-        problems = self.check(cfg, path, reserved)
+        problems = self.check(cfg, path, reserved, provided=extra)
         if problems:
             raise ConfigError(problems)
         target = self.get(cfg["type"], f"{path}.type")
@@ -132,6 +135,8 @@ class Registry:
         lines += ["  " + line for line in doc.splitlines()] + ["", "  options:"]
         hints = _type_hints(target)
         for param in _parameters(target):
+            if param.name == "self":
+                continue
             hint = hints.get(param.name, param.annotation)
             hint_text = "" if hint is inspect.Parameter.empty else f": {_hint_name(hint)}"
             default = " (required)" if param.default is inspect.Parameter.empty else f" = {param.default!r}"
@@ -163,10 +168,14 @@ def _type_hints(target: Any) -> dict[str, Any]:
         return {}
 
 
-def check_call(target: Any, kwargs: dict[str, Any], path: str) -> list[Problem]:
-    """Problems of calling ``target(**kwargs)``: unknown/missing keys and values of the wrong type."""
+def check_call(target: Any, kwargs: dict[str, Any], path: str, provided: Iterable[str] = ()) -> list[Problem]:
+    """Problems of calling ``target(**kwargs)``: unknown/missing keys and values of the wrong type.
+
+    Parameters named in ``provided`` are supplied by the framework and are not config options.
+    """
     problems = []
-    params = {p.name: p for p in _parameters(target)}
+    provided = set(provided)
+    params = {p.name: p for p in _parameters(target) if p.name not in provided and p.name != "self"}
     hints = _type_hints(target)
     if not _accepts_var_keywords(target):
         for key in kwargs:
