@@ -20,6 +20,7 @@ import collections.abc
 import importlib
 import importlib.util
 import inspect
+import keyword
 import sys
 import types
 import typing
@@ -114,6 +115,10 @@ class Registry:
         user = {k: v for k, v in cfg.items() if k != "type" and k not in set(reserved)}
         return check_call(target, user, path, provided)
 
+    @staticmethod
+    def _kwargs(cfg: dict, reserved: Iterable[str]) -> dict[str, Any]:
+        return {python_name(k): v for k, v in cfg.items() if k != "type" and k not in set(reserved)}
+
     def build(self, cfg: dict, path: Optional[str] = None, reserved: Iterable[str] = (), **extra: Any) -> Any:
         """Validate ``cfg`` against its ``type``'s signature, then construct it.
 
@@ -124,8 +129,7 @@ class Registry:
         if problems:
             raise ConfigError(problems)
         target = self.get(cfg["type"], f"{path}.type")
-        kwargs = {k: v for k, v in cfg.items() if k != "type" and k not in set(reserved)}
-        return target(**kwargs, **extra)
+        return target(**self._kwargs(cfg, reserved), **extra)
 
     def describe(self, name: str) -> str:
         """Human-readable options and docstring of one component (for ``--describe``)."""
@@ -140,7 +144,7 @@ class Registry:
             hint = hints.get(param.name, param.annotation)
             hint_text = "" if hint is inspect.Parameter.empty else f": {_hint_name(hint)}"
             default = " (required)" if param.default is inspect.Parameter.empty else f" = {param.default!r}"
-            lines.append(f"    {param.name}{hint_text}{default}")
+            lines.append(f"    {yaml_name(param.name)}{hint_text}{default}")
         return "\n".join(lines)
 
 
@@ -173,6 +177,7 @@ def check_call(target: Any, kwargs: dict[str, Any], path: str, provided: Iterabl
 
     Parameters named in ``provided`` are supplied by the framework and are not config options.
     """
+    kwargs = {python_name(k): v for k, v in kwargs.items()}
     problems = []
     provided = set(provided)
     params = {p.name: p for p in _parameters(target) if p.name not in provided and p.name != "self"}
@@ -180,20 +185,31 @@ def check_call(target: Any, kwargs: dict[str, Any], path: str, provided: Iterabl
     if not _accepts_var_keywords(target):
         for key in kwargs:
             if key not in params:
+                names = [yaml_name(p) for p in params]
                 problems.append(
-                    Problem(f"{path}.{key}", f"unknown option{did_you_mean(key, params)}; "
-                            f"valid options: {', '.join(params) or '(none)'}")
+                    Problem(f"{path}.{yaml_name(key)}", f"unknown option{did_you_mean(yaml_name(key), names)}; "
+                            f"valid options: {', '.join(names) or '(none)'}")
                 )
     for name, param in params.items():
         if name not in kwargs:
             if param.default is inspect.Parameter.empty and param.kind != param.POSITIONAL_ONLY:
-                problems.append(Problem(f"{path}.{name}", "required option is missing"))
+                problems.append(Problem(f"{path}.{yaml_name(name)}", "required option is missing"))
             continue
         if name in hints:
             error = type_error(kwargs[name], hints[name])
             if error:
-                problems.append(Problem(f"{path}.{name}", error))
+                problems.append(Problem(f"{path}.{yaml_name(name)}", error))
     return problems
+
+
+def python_name(key: str) -> str:
+    """The parameter name of a YAML key: a Python keyword (``in``) maps to ``in_``."""
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
+def yaml_name(param: str) -> str:
+    """The YAML key of a parameter name: ``in_`` is written ``in``."""
+    return param[:-1] if param.endswith("_") and keyword.iskeyword(param[:-1]) else param
 
 
 def _hint_name(hint: Any) -> str:
