@@ -1,0 +1,202 @@
+"""``dlas-train`` / ``python codes/train.py``: validate a config, print it, list components, or train.
+
+Exit codes: 0 success; 2 for a user error (bad config, arguments or data: one ``error: …`` line per problem,
+no traceback); 1 for anything else. Torch-heavy modules are imported only when a command needs them, so
+``--help`` and config errors answer immediately.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from dlas.errors import ConfigError, UserError, did_you_mean
+
+EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
+TRAINER_MODULE = "dlas.trainer.run"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's own exit code is 2 as well; keep our one-line format
+        self.print_usage(sys.stderr)
+        raise ConfigError(f"{message} (see --help)", "arguments")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="dlas-train",
+        description="Train a model described by a YAML config. Trailing key.path=value arguments override "
+                    "config values (YAML-typed: train.niter=100, steps.gen.optimizer.lr=1e-4, "
+                    "datasets.train.paths=[/a,/b]); +key.path=value adds a key the file does not have.",
+    )
+    parser.add_argument("-opt", "--opt", metavar="FILE.yml", help="the config file")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
+    parser.add_argument("--validate", action="store_true",
+                        help="check the config, build every component and check the state graph; train nothing")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (bases merged, overrides applied, defaults filled in)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over: rename an existing run folder to NAME.old-YYYYmmdd-HHMMSS first")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import a plugin module (or .py file) so its components exist; repeatable")
+    parser.add_argument("--list", nargs="?", const="all", metavar="KIND",
+                        help="list registered components: all, or one of network, injector, loss, dataset, "
+                             "evaluator, optimizer, scheduler")
+    parser.add_argument("--describe", metavar="TYPE", help="print the options and documentation of a component")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; return the exit code (the console script exits with it)."""
+    try:
+        return _run(build_parser().parse_intermixed_args(argv))
+    except UserError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.list or args.describe:
+        from dlas.registry import import_plugins
+
+        import_plugins(args.imports, "--import")
+        if args.list:
+            print(list_components(args.list))
+        if args.describe:
+            print(describe_component(args.describe))
+        return EXIT_OK
+    if not args.opt:
+        raise ConfigError("give a config file: -opt FILE.yml (or --list / --describe TYPE)", "-opt")
+
+    from dlas.config import dump_config, load_config
+
+    cfg = load_config(args.opt, args.overrides, args.imports)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return EXIT_OK
+    trainer = _trainer()
+    if trainer is None:
+        print(f"error: trainer not available: the module {TRAINER_MODULE} is not installed, so only the "
+              "config-level checks ran (they passed)", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.validate:
+        try:
+            trainer.validate_config(cfg)
+        except ConfigError as exc:
+            raise ConfigError(cfg.attach_lines(exc.problems)) from None
+        print(f"config OK: {args.opt} ({len(cfg['networks'])} networks, {len(cfg['steps'])} steps, "
+              f"{cfg['train']['niter']} iterations)")
+        return EXIT_OK
+
+    rank = int(os.environ.get("RANK", "0"))
+    run_dir = Path(cfg["path"]["root"]) / cfg["name"]
+    from dlas.logging.console import setup_logging
+
+    if rank == 0:
+        _prepare_run_dir(run_dir, dump_config(cfg), fresh=args.fresh)
+    log = setup_logging(run_dir, rank)
+    log.info("run folder %s (config %s%s)", run_dir, args.opt,
+             f", overrides: {' '.join(args.overrides)}" if args.overrides else "")
+    try:
+        trainer.train(cfg, run_dir)
+    except ConfigError as exc:
+        raise ConfigError(cfg.attach_lines(exc.problems)) from None
+    return EXIT_OK
+
+
+def _trainer() -> Any:
+    """The trainer's entry module, or ``None`` while it does not exist (its own import errors propagate)."""
+    import importlib
+
+    try:
+        return importlib.import_module(TRAINER_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name == TRAINER_MODULE:
+            return None
+        raise
+
+
+def _prepare_run_dir(run_dir: Path, config_text: str, fresh: bool) -> None:
+    """Create the run folder (renaming an old one aside with ``fresh``) and write the resolved ``config.yml``.
+
+    Only rank 0 calls this. The other ranks reach the run folder through the trainer, whose process-group
+    rendezvous waits for rank 0, so they never see the old folder after a ``--fresh`` rename.
+    """
+    import logging
+
+    log = logging.getLogger("dlas")
+    if fresh and run_dir.exists():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+        suffix = 1
+        while aside.exists():  # two --fresh starts in the same second must not collide
+            aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{suffix}")
+            suffix += 1
+        run_dir.rename(aside)
+        log.info("--fresh: moved the previous run folder to %s", aside)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "config.yml"
+    if config_file.is_file() and config_file.read_text(encoding="utf-8") != config_text:
+        # Resuming with a changed config is allowed (e.g. a longer niter), but it must not go unnoticed.
+        previous = run_dir / "config.previous.yml"
+        config_file.replace(previous)
+        log.warning("the config differs from the one this run started with; the old one is kept as %s", previous)
+    config_file.write_text(config_text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------------- --list / --describe
+def list_components(kind: str = "all") -> str:
+    """One line per registered component of ``kind`` (or all kinds): name and first docstring line.
+
+    A built-in whose module fails to import is listed with the reason instead of its docstring.
+    """
+    from dlas.registry import REGISTRIES
+
+    kinds = _kinds(kind, REGISTRIES)
+    lines = []
+    for name in kinds:
+        registry = REGISTRIES[name]
+        lines.append(f"{'losses' if name == 'loss' else name + 's'}:")
+        for component in registry.names():
+            try:
+                summary = (inspect.getdoc(registry.get(component)) or "(no docstring)").splitlines()[0]
+            except Exception as exc:  # noqa: BLE001 (a broken module is a fact to list, not a reason to stop)
+                reason = exc.problems[0].message if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+                summary = f"UNAVAILABLE: {reason}"
+            lines.append(f"  {component:<24} {summary}")
+    return "\n".join(lines)
+
+
+def _kinds(kind: str, registries: dict[str, Any]) -> list[str]:
+    if kind == "all":
+        return list(registries)
+    aliases = {**{k: k for k in registries}, **{f"{k}s": k for k in registries}, "losses": "loss"}
+    singular = aliases.get(kind)
+    if singular is None:
+        raise ConfigError(f"unknown component kind '{kind}'{did_you_mean(kind, registries)}; "
+                          f"kinds: {', '.join(registries)}", "--list")
+    return [singular]
+
+
+def describe_component(name: str) -> str:
+    """``Registry.describe`` of every registry that has a component called ``name``."""
+    from dlas.registry import REGISTRIES
+
+    found = [registry for registry in REGISTRIES.values() if name in registry]
+    if not found:
+        every = [n for registry in REGISTRIES.values() for n in registry.names()]
+        raise ConfigError(f"no component named '{name}'{did_you_mean(name, every)}; "
+                          "`dlas-train --list` shows them all", "--describe")
+    return "\n\n".join(registry.describe(name) for registry in found)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

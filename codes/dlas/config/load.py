@@ -1,0 +1,84 @@
+"""``load_config``: file + bases -> plugin imports -> overrides -> schema and component checks -> :class:`Config`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from dlas.config import schema
+from dlas.config.inherit import display_name, load_with_bases, strip_replace
+from dlas.config.overrides import apply_overrides
+from dlas.config.source import ConfigSource
+from dlas.config.yaml_io import dump_yaml
+from dlas.errors import ConfigError, Problem
+from dlas.registry import import_plugins
+
+
+class Config(dict):
+    """A resolved config: plain nested dicts and lists with every default filled in.
+
+    ``source`` records the file and line (or override) each value came from; use :meth:`attach_lines` to give
+    problems found later (e.g. by the trainer's graph check, which knows only dotted paths) their lines.
+    """
+
+    def __init__(self, data: Any = (), source: Optional[ConfigSource] = None):
+        super().__init__(data)
+        self.source = source if source is not None else ConfigSource()
+
+    def attach_lines(self, problems: Iterable[Problem]) -> list[Problem]:
+        """``problems`` with the file and line of their dotted paths filled in, where known."""
+        return self.source.attach_lines(problems)
+
+
+def load_config(path: str, overrides: Iterable[str] = (), imports: Iterable[str] = (),
+                training: bool = True) -> Config:
+    """Load, merge, override and validate a config file; raise :class:`ConfigError` listing every problem.
+
+    ``imports`` are plugin modules to import in addition to the file's ``imports:`` (``--import``); they are
+    added to the resolved config so that its dump reproduces the run. ``training=False`` (inference) does not
+    require the ``train`` section, a ``train`` dataset or any steps.
+    """
+    file = Path(path)
+    if not file.is_file():
+        what = "is a folder, not a file" if file.is_dir() else "does not exist"
+        raise ConfigError(f"config file '{path}' {what}", str(path))
+    data, locations, files = load_with_bases(file)
+    data = strip_replace(data)
+    source = ConfigSource(file=files[0], files=files, locations=locations)
+    try:
+        # Plugins come first so that an override may name an option of a plugin component.
+        listed = list(data.get("imports") or [])
+        imported = _import_plugins(data, list(imports), file.parent)
+        apply_overrides(data, overrides, source, known_keys=schema.known_keys)
+        if data.get("imports") != listed:
+            imported = _import_plugins(data, list(imports), file.parent)
+    except ConfigError as exc:
+        raise ConfigError(source.attach_lines(exc.problems)) from None
+    if imported:
+        data["imports"] = imported
+    source.prune(data)
+    resolved, problems = schema.validate(data, training=training)
+    if problems:
+        raise ConfigError(source.attach_lines(problems))
+    return Config(resolved, source)
+
+
+def _import_plugins(data: dict, extra: list[str], folder: Path) -> list[str]:
+    """Import the config's ``imports:`` plus ``extra``; return the combined list (without duplicates)."""
+    listed = data.get("imports", [])
+    if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
+        raise ConfigError("expected a list of module names or .py files, e.g. imports: [my_plugins]", "imports")
+    modules = list(dict.fromkeys(listed + extra))
+    import_plugins([_plugin_path(m, folder) for m in modules])
+    return modules
+
+
+def _plugin_path(module: str, folder: Path) -> str:
+    """A relative ``.py`` plugin path is looked up next to the config file first, then in the working folder."""
+    if module.endswith(".py") and not Path(module).is_absolute() and (folder / module).is_file():
+        return display_name(folder / module)
+    return module
+
+
+def dump_config(cfg: dict) -> str:
+    """The YAML text of a (resolved) config, as written to the run folder's ``config.yml``."""
+    return dump_yaml(cfg)
