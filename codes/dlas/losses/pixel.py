@@ -18,7 +18,7 @@ class PixelLoss(Loss):
     Options:
       criterion: ``l1`` (mean absolute error, the usual SR choice: sharper than l2), ``l2`` (mean squared
         error, what PSNR measures) or ``charbonnier`` (``mean(sqrt((fake - real)^2 + eps^2))``, a smooth L1
-        from LapSRN: it equals l1 + eps for errors much larger than eps and stays differentiable at 0).
+        from LapSRN: within eps^2 / (2 |error|) of l1 for errors much larger than eps, and smooth at 0).
       real: the target's state key (e.g. ``hq``).
       fake: the prediction's state key (e.g. ``gen``).
       eps: the charbonnier constant, 1e-3 as in the literature (so eps^2 = 1e-6 under the root); on [0, 1]
