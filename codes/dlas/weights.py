@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,11 +94,12 @@ def read_weights_file(path: PathLike) -> dict[str, Any]:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any global outside torch's allow-list: this is exactly the "would run code" case.
-        first_line = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        culprit = f" ({match.group(1)})" if match else ""
         raise DataError(
-            "refusing to load: this pickle contains Python objects that would be imported or run when loaded "
-            f"({first_line.strip()}); re-save it as a plain state dict or safetensors on a machine where you trust "
-            "it (scripts/convert_weights.py)",
+            f"refusing to load: this pickle refers to Python code{culprit} that would be imported or run when "
+            "loaded; only plain tensors are read. If you trust the file, open it yourself with "
+            "torch.load(weights_only=False) and save just its state dict (torch.save or safetensors)",
             str(path),
         ) from exc
     except Exception as exc:  # truncated zip, not a torch file at all, …
