@@ -1,0 +1,154 @@
+"""Super-resolution validation: upscale each validation image, score it against its HQ image, save it."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from dlas.errors import ConfigError, DataError
+from dlas.evaluators.base import EvalContext, Evaluator, write_json
+from dlas.inference import run_network, save_image, tensor_to_uint8
+from dlas.metrics import psnr, ssim
+from dlas.registry import EVALUATORS
+
+Metric = Literal["psnr", "ssim", "lpips"]
+
+
+@EVALUATORS.register("sr")
+class SREvaluator(Evaluator):
+    """Runs an SR network over every validation image (full size) and reports PSNR / SSIM (/ LPIPS).
+
+    Each item of the dataset gives ``lq`` and ``hq`` (CHW in [0, 1]) and ``path``. The output is quantised to
+    uint8 exactly like the saved PNG, so the numbers are those of the files in ``out_dir/<stem>.png``.
+    Reported: the mean of each metric, plus ``psnr_bicubic``, the PSNR of plain bicubic upscaling under the
+    same convention (the baseline to beat: a model below it has not learnt anything yet).
+    Also written: ``out_dir/metrics.json`` (means) and ``out_dir/per_image.json`` (every image's numbers;
+    ``per_image_rankR.json`` per rank when distributed).
+
+    Options:
+      network: the network to run (name under ``networks:``).
+      dataset: the dataset to evaluate on (name under ``datasets:``).
+      metrics: any of ``psnr``, ``ssim``, ``lpips``. LPIPS needs the AlexNet/VGG ImageNet weights locally.
+      crop_border: pixels ignored at each edge; default: the scale (4 for x4), as published tables do.
+      y_channel: score the MATLAB BT.601 luma (papers' convention, ~2 dB above RGB) instead of RGB.
+      tile: run the network on tiles of this many LQ pixels (for images too large for memory); null: whole.
+      tile_overlap: LQ pixels shared by neighbouring tiles (at most tile / 2); exact when the network's
+        receptive-field radius is at most tile_overlap / 4.
+      save_images: write each output as a PNG.
+      max_images: evaluate only the first N images (null: all).
+      lpips_net: ``alex`` (SRFlow/SPSR tables) or ``vgg`` (BasicSR's script); not comparable with each other.
+      lpips_weights: the backbone weights file; default torchvision's cache ($TORCH_HOME/hub/checkpoints).
+    """
+
+    higher_is_better = {"psnr": True, "ssim": True, "lpips": False, "psnr_bicubic": True}
+
+    def __init__(
+        self,
+        network: str = "generator",
+        dataset: str = "val",
+        metrics: list[Metric] = ("psnr", "ssim"),
+        crop_border: Optional[int] = None,
+        y_channel: bool = True,
+        tile: Optional[int] = None,
+        tile_overlap: int = 16,
+        save_images: bool = True,
+        max_images: Optional[int] = None,
+        lpips_net: Literal["alex", "vgg"] = "alex",
+        lpips_weights: Optional[str] = None,
+    ):
+        if crop_border is not None and crop_border < 0:
+            raise ConfigError(f"must be >= 0, got {crop_border}", "crop_border")
+        if tile is not None and tile < 1:
+            raise ConfigError(f"must be >= 1 or null (no tiling), got {tile}", "tile")
+        if tile is not None and not 0 <= tile_overlap <= tile // 2:
+            raise ConfigError(f"tile_overlap must be between 0 and tile / 2 = {tile // 2}, got {tile_overlap}",
+                              "tile_overlap")
+        if max_images is not None and max_images < 1:
+            raise ConfigError(f"must be >= 1 or null (all images), got {max_images}", "max_images")
+        self.network_name = network
+        self.dataset_name = dataset
+        self.metrics = list(dict.fromkeys(metrics))
+        self.crop_border = crop_border
+        self.y_channel = y_channel
+        self.tile = tile
+        self.tile_overlap = tile_overlap
+        self.save_images = save_images
+        self.max_images = max_images
+        self.lpips_net = lpips_net
+        self.lpips_weights = lpips_weights
+        self._lpips = None
+        self._bicubic: Optional[tuple[float, int]] = None  # this rank's (sum, count): the baseline never changes
+
+    def _lpips_metric(self, device: torch.device):
+        if self._lpips is None:
+            from dlas.metrics import LPIPSMetric
+
+            self._lpips = LPIPSMetric(self.lpips_net, self.lpips_weights, device)
+        return self._lpips
+
+    def __call__(self, ctx: EvalContext) -> dict[str, float]:
+        net = self.network(ctx, self.network_name)
+        data = self.dataset(ctx, self.dataset_name)
+        count = len(data) if self.max_images is None else min(len(data), self.max_images)
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
+        sums: dict[str, float] = defaultdict(float)
+        bicubic_sum, per_image, done = 0.0, {}, 0
+        for index in ctx.shard(count):
+            item = data[index]
+            if "lq" not in item or "hq" not in item:
+                raise DataError(f"the 'sr' evaluator needs items with 'lq' and 'hq', got {sorted(item)}",
+                                f"datasets.{self.dataset_name}")
+            lq = item["lq"].unsqueeze(0).to(ctx.device)
+            hq = item["hq"]
+            scale = hq.shape[-1] // lq.shape[-1]
+            with torch.no_grad(), ctx.autocast():
+                output = run_network(net, lq, scale, self.tile, self.tile_overlap)
+            source = str(item.get("path", f"{index:05d}"))
+            if output.shape[-2:] != hq.shape[-2:]:
+                raise DataError(f"network output {tuple(output.shape[-2:])} differs from the HQ image "
+                                f"{tuple(hq.shape[-2:])}; crop HQ images to a multiple of the scale", source)
+            sr_image, hq_image = tensor_to_uint8(output[0]), tensor_to_uint8(hq)
+            values = self._score(sr_image, hq_image, scale, ctx.device)
+            if self._bicubic is None:
+                bicubic = F.interpolate(lq.float(), size=hq.shape[-2:], mode="bicubic", align_corners=False)
+                bicubic_sum += self._psnr(tensor_to_uint8(bicubic[0]), hq_image, scale)
+            for name, value in values.items():
+                sums[name] += value
+            stem = Path(source).stem
+            per_image[stem] = values
+            if self.save_images:
+                save_image(ctx.out_dir / f"{stem}.png", sr_image)
+            done += 1
+        if self._bicubic is None:
+            self._bicubic = (bicubic_sum, done)
+        sums["psnr_bicubic"] = self._bicubic[0]
+        means = ctx.global_mean({name: sums[name] for name in [*self.metrics, "psnr_bicubic"]}, done)
+        suffix = f"_rank{ctx.rank}" if ctx.world_size > 1 else ""
+        write_json(ctx.out_dir / f"per_image{suffix}.json", per_image)
+        if ctx.rank == 0:
+            write_json(ctx.out_dir / "metrics.json", {"step": ctx.step, **means, "convention": self.convention()})
+        return means
+
+    def _psnr(self, output, target, scale: int) -> float:
+        crop = scale if self.crop_border is None else self.crop_border
+        return psnr(output, target, crop, self.y_channel)
+
+    def _score(self, output, target, scale: int, device: torch.device) -> dict[str, float]:
+        crop = scale if self.crop_border is None else self.crop_border
+        values = {}
+        if "psnr" in self.metrics:
+            values["psnr"] = psnr(output, target, crop, self.y_channel)
+        if "ssim" in self.metrics:
+            values["ssim"] = ssim(output, target, crop, self.y_channel)
+        if "lpips" in self.metrics:  # LPIPS convention: whole RGB image, no crop
+            values["lpips"] = self._lpips_metric(device)(output, target)
+        return values
+
+    def convention(self) -> str:
+        """How PSNR/SSIM were computed, to be written next to the numbers."""
+        crop = "crop = scale" if self.crop_border is None else f"crop = {self.crop_border}"
+        lpips = f"; LPIPS {self.lpips_net}, RGB, no crop" if "lpips" in self.metrics else ""
+        return f"{'Y (BT.601)' if self.y_channel else 'RGB'}, {crop}, uint8 output{lpips}"
