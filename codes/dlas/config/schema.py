@@ -318,11 +318,23 @@ class Checker:
     def component(self, spec: Component, value: Any, path: KeyPath) -> Any:
         registry = REGISTRIES[spec.kind]
         reserved = [yaml_name(f.name) for f in dataclasses.fields(spec.keys)] if spec.keys else []
-        self.problems += registry.check(value, format_path(path), reserved=reserved, provided=spec.provided)
+        for problem in registry.check(value, format_path(path), reserved=reserved, provided=spec.provided):
+            self.problems.append(_with_reserved_hint(problem, reserved))
         if not isinstance(value, dict) or not spec.keys:
             return value
         framework = self.section(spec.keys, {k: v for k, v in value.items() if k in reserved}, path)
         return {**value, **framework}
+
+
+def _with_reserved_hint(problem: Problem, reserved: list[str]) -> Problem:
+    """Extend the registry's "unknown option" message with the framework keys (``wieght`` -> ``weight``)."""
+    if not reserved or not problem.message.startswith("unknown option"):
+        return problem
+    key = problem.path.rsplit(".", 1)[-1]
+    message = problem.message
+    if "did you mean" not in message:
+        message = "unknown option" + did_you_mean(key, reserved) + message[len("unknown option"):]
+    return dataclasses.replace(problem, message=f"{message}; framework keys: {', '.join(reserved)}")
 
 
 def _prefix_of(key: Any, prefixed: dict[str, Any]) -> Optional[str]:
@@ -337,7 +349,7 @@ def _plain_hint(hint: Any) -> Any:
 
 
 def _describe(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping",
              type(None): "null (an empty value)"}
     text = repr(value)
     return names.get(type(value), type(value).__name__) + (f" {text}" if len(text) <= 40 and value is not None else "")

@@ -97,9 +97,11 @@ def read_yaml(file: Path, display: str) -> tuple[Any, dict[str, Location]]:
         data = None if node is None else builder.build(node, ())
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        message = " ".join(part for part in (exc.context, exc.problem) if part)
-        raise ConfigError([Problem(display, f"invalid YAML: {message}", line=mark.line + 1 if mark else None,
-                                   file=display if mark else None)]) from exc
+        message = "; ".join(part for part in (exc.context, exc.problem) if part)
+        if exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            message += f" (the construct began on line {exc.context_mark.line + 1})"
+        raise ConfigError([Problem(display, f"invalid YAML: {message}",
+                                   line=mark.line + 1 if mark else None)]) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}", display) from exc
     finally:
@@ -126,8 +128,11 @@ class _Builder:
         return Location(self.display, node.start_mark.line + 1)
 
     def _problem(self, path: KeyPath, node: yaml.Node, message: str) -> None:
-        self.problems.append(Problem(format_path(path) or self.display, message, node.start_mark.line + 1,
-                                     self.display))
+        line = node.start_mark.line + 1
+        if path:
+            self.problems.append(Problem(format_path(path), message, line, self.display))
+        else:  # the path is the file itself: "file (line N): …"
+            self.problems.append(Problem(self.display, message, line))
 
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
         if len(path) > _MAX_DEPTH:
