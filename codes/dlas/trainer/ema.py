@@ -1,0 +1,87 @@
+"""Exponential moving averages of network weights, at one or several rates.
+
+``train.ema: {rate: 0.999, networks: [generator], warmup: 0, start: 0}``. Each update does
+``ema = decay * ema + (1 - decay) * weight`` for every parameter (buffers such as BatchNorm statistics are
+copied). With ``warmup: W`` the decay of the t-th update is ``min(rate, (1 + t) / (W + t))``, so early
+averages are not dominated by the random initialisation: with W=10 and rate 0.999, the decay reaches 0.99 at
+t≈890 and 0.999 at t≈9000. ``start: S`` copies the weights at step S and only then begins averaging.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Mapping, Sequence
+
+import torch
+
+
+class EMA:
+    """Shadow copies of ``networks``, one per rate, updated after each optimizer step that trains them."""
+
+    def __init__(self, networks: Mapping[str, torch.nn.Module], rates: Sequence[float], warmup: int = 0,
+                 start: int = 0):
+        self.rates = [float(r) for r in rates]
+        self.warmup = warmup
+        self.start = start
+        self.updates = 0
+        self.shadows: dict[float, dict[str, torch.nn.Module]] = {}
+        for rate in self.rates:
+            self.shadows[rate] = {}
+            for name, net in networks.items():
+                shadow = copy.deepcopy(net).eval()
+                shadow.requires_grad_(False)
+                self.shadows[rate][name] = shadow
+        self.sources = dict(networks)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def decay(self, rate: float) -> float:
+        if self.warmup <= 0:
+            return rate
+        return min(rate, (1 + self.updates) / (self.warmup + self.updates))
+
+    @torch.no_grad()
+    def update(self, step: int, names: Sequence[str] | None = None) -> None:
+        """Average the current weights of ``names`` (default: all) into every shadow."""
+        if step < self.start:
+            return
+        names = self.names if names is None else [n for n in names if n in self.sources]
+        first = step == self.start
+        for rate in self.rates:
+            decay = 0.0 if first else self.decay(rate)
+            for name in names:
+                src = list(self.sources[name].parameters())
+                dst = list(self.shadows[rate][name].parameters())
+                torch._foreach_lerp_(dst, src, 1.0 - decay)
+                for b_dst, b_src in zip(self.shadows[rate][name].buffers(), self.sources[name].buffers()):
+                    b_dst.copy_(b_src)
+        self.updates += 1
+
+    def primary(self, name: str) -> torch.nn.Module:
+        """The shadow of ``name`` at the first rate (the one validation uses)."""
+        return self.shadows[self.rates[0]][name]
+
+    def file_stem(self, rate: float, name: str) -> str:
+        """``NET_ema`` for the first rate, ``NET_ema_RATE`` for the others (checkpoint file names)."""
+        return f"{name}_ema" if rate == self.rates[0] else f"{name}_ema_{rate:g}"
+
+    def state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {self.file_stem(rate, name): shadow.state_dict()
+                for rate, shadows in self.shadows.items() for name, shadow in shadows.items()}
+
+    def load_state_dicts(self, stems: Mapping[str, Mapping[str, torch.Tensor]], updates: int) -> None:
+        for rate, shadows in self.shadows.items():
+            for name, shadow in shadows.items():
+                sd = stems.get(self.file_stem(rate, name))
+                if sd is None:  # a new rate or network since the checkpoint: start from the live weights
+                    shadow.load_state_dict(self.sources[name].state_dict())
+                else:
+                    shadow.load_state_dict(sd)
+        self.updates = updates
+
+    def to(self, device: torch.device) -> "EMA":
+        for shadows in self.shadows.values():
+            for shadow in shadows.values():
+                shadow.to(device)
+        return self

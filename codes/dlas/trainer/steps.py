@@ -1,0 +1,173 @@
+"""One optimizer step of the graph: its injectors, weighted losses, optimizer, scheduler and grad scaler.
+
+A step's config (``steps.NAME``) names the networks it trains, the injectors that extend the state and the
+losses it minimises. :meth:`Step.forward_backward` runs on one micro-batch state; :meth:`Step.optimize` runs
+once per iteration after all micro-batches have been accumulated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from dlas.errors import ConfigError
+from dlas.injectors.base import Injector
+from dlas.losses.base import Loss
+from dlas.registry import INJECTORS, LOSSES, OPTIMIZERS, SCHEDULERS
+from dlas.trainer.context import Context
+from dlas.trainer.schedules import Gate, build_weight
+
+GATE_KEYS = ("after", "before", "every")
+LOSS_RESERVED = ("weight",) + GATE_KEYS
+
+
+def gate_of(cfg: Mapping[str, Any], path: str) -> Gate:
+    return Gate(after=cfg.get("after"), before=cfg.get("before"), every=cfg.get("every"), path=path)
+
+
+@dataclass
+class WeightedLoss:
+    name: str
+    loss: Loss
+    weight: Callable[[int], float]
+    gate: Gate
+
+
+@dataclass
+class GatedInjector:
+    name: str
+    injector: Injector
+    gate: Gate
+
+
+@dataclass
+class Step:
+    """An optimizer step over the networks in ``training``."""
+
+    name: str
+    training: list[str]
+    injectors: list[GatedInjector]
+    losses: list[WeightedLoss]
+    gate: Gate
+    grad_clip: Optional[float] = None
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Any = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    params: list[torch.nn.Parameter] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "Step":
+        path = f"steps.{name}"
+        training = cfg["training"]
+        training = [training] if isinstance(training, str) else list(training)
+        injectors = [
+            GatedInjector(key, INJECTORS.build(icfg, f"{path}.injectors.{key}", reserved=GATE_KEYS),
+                          gate_of(icfg, f"{path}.injectors.{key}"))
+            for key, icfg in (cfg.get("injectors") or {}).items()
+        ]
+        losses = [
+            WeightedLoss(key, LOSSES.build(lcfg, f"{path}.losses.{key}", reserved=LOSS_RESERVED),
+                         build_weight(lcfg.get("weight", 1.0), f"{path}.losses.{key}.weight"),
+                         gate_of(lcfg, f"{path}.losses.{key}"))
+            for key, lcfg in (cfg.get("losses") or {}).items()
+        ]
+        if not losses:
+            raise ConfigError("a step needs at least one loss", f"{path}.losses")
+        return cls(name, training, injectors, losses, gate_of(cfg, path), cfg.get("grad_clip"))
+
+    def build_optimizer(self, cfg: Mapping[str, Any], networks: Mapping[str, torch.nn.Module],
+                        scheduler_cfg: Optional[Mapping[str, Any]], scheduler_path: str, use_scaler: bool,
+                        device: torch.device) -> None:
+        named = [(f"{net}.{pname}", p) for net in self.training for pname, p in networks[net].named_parameters()]
+        self.params = [p for _, p in named]
+        self.optimizer = OPTIMIZERS.build(dict(cfg), f"steps.{self.name}.optimizer", params=named)
+        if scheduler_cfg:
+            self.scheduler = SCHEDULERS.build(dict(scheduler_cfg), scheduler_path, optimizer=self.optimizer)
+        if use_scaler:
+            self.scaler = torch.amp.GradScaler(device.type)
+
+    # ------------------------------------------------------------------ running
+    def run_injectors(self, state: dict, ctx: Context) -> None:
+        for item in self.injectors:
+            if item.gate.active(ctx.step):
+                state.update(item.injector(state, ctx))
+
+    def compute_losses(self, state: dict, ctx: Context) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
+        """Weighted total and ``{name: unweighted, name/weighted: weighted}`` of the active losses."""
+        total = None
+        logged: dict[str, torch.Tensor] = {}
+        for item in self.losses:
+            if not item.gate.active(ctx.step):
+                continue
+            weight = item.weight(ctx.step)
+            value = item.loss(state, ctx)
+            if value.dim() != 0:
+                raise ValueError(f"steps.{self.name}.losses.{item.name} returned shape {tuple(value.shape)}, "
+                                 "expected a scalar")
+            logged[item.name] = value.detach()
+            if weight == 0:  # a zero-weighted loss still reports, but must not build a graph into the sum
+                continue
+            weighted = value.float() * weight
+            logged[f"{item.name}/weighted"] = weighted.detach()
+            total = weighted if total is None else total + weighted
+        return total, logged
+
+    def forward_backward(self, state: dict, ctx: Context, micro_batches: int,
+                         autocast: Callable[[], Any]) -> dict[str, torch.Tensor]:
+        """Injectors, losses and backward on one micro-batch; returns the detached losses for logging."""
+        with autocast():
+            self.run_injectors(state, ctx)
+            total, logged = self.compute_losses(state, ctx)
+        if total is not None:
+            # Dividing by the micro-batch count makes K accumulated micro-batches the same update as one batch.
+            total = total / micro_batches
+            (self.scaler.scale(total) if self.scaler else total).backward()
+            logged["total"] = total.detach() * micro_batches
+        return logged
+
+    def optimize(self, losses_finite: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Clip, check and apply the accumulated gradients.
+
+        Returns the gradient norm and whether the update was applied: a non-finite loss or gradient norm skips
+        it (the NaN/Inf guard). This is the step's one host sync.
+        """
+        params = [p for p in self.params if p.grad is not None]
+        if not params:
+            return torch.zeros(()), bool(losses_finite)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.grad_clip if self.grad_clip else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if self.scaler:
+            # The scaler skips steps whose gradients overflowed and lowers its scale: that is fp16's normal
+            # dynamics, not a bad step, so only a non-finite loss counts as one.
+            ok = bool(losses_finite)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            return norm, ok
+        ok = bool(torch.isfinite(norm) & losses_finite)
+        if ok:
+            self.optimizer.step()
+        return norm, ok
+
+    def zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+
+    def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        self.optimizer.load_state_dict(sd["optimizer"])
+        if self.scheduler and sd.get("scheduler") is not None:
+            self.scheduler.load_state_dict(sd["scheduler"])
+        if self.scaler and sd.get("scaler") is not None:
+            self.scaler.load_state_dict(sd["scaler"])

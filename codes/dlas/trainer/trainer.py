@@ -1,0 +1,323 @@
+"""ExtensibleTrainer: networks + a graph of optimizer steps, built from the config.
+
+One iteration (:meth:`ExtensibleTrainer.train_step`): the batch is split into ``train.mega_batch_factor``
+micro-batches, each seeding a *state* dict; every active step (in file order) runs its injectors and losses on
+each micro-batch, accumulates gradients into the networks it trains, then applies one optimizer update. The
+state persists across steps of the iteration, so the discriminator step can read what the generator step made.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+
+from dlas.errors import ConfigError, Problem
+from dlas.registry import NETWORKS
+from dlas.trainer.context import Context
+from dlas.trainer.ema import EMA
+from dlas.trainer.schedules import Gate
+from dlas.trainer.steps import Step
+
+log = logging.getLogger("dlas")
+
+NETWORK_KEYS = ("channels_last", "compile", "checkpointing", "frozen", "ema")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def enable_checkpointing(net: torch.nn.Module, name: str) -> int:
+    """Run the forward of ``net.checkpoint_modules()`` under activation checkpointing; returns how many.
+
+    Networks without the protocol get their largest ``ModuleList``/``Sequential``'s children checkpointed. The
+    patch is per instance, so nothing global changes and other instances of the class are unaffected.
+    """
+    if hasattr(net, "checkpoint_modules"):
+        modules = list(net.checkpoint_modules())
+    else:
+        containers = [m for m in net.modules() if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))]
+        modules = list(max(containers, key=len)) if containers else []
+    if not modules:
+        raise ConfigError(f"network has no blocks to checkpoint (give it a checkpoint_modules() method)",
+                          f"networks.{name}.checkpointing")
+    for module in modules:
+        forward = module.forward
+
+        def checkpointed(*args: Any, _forward: Callable = forward, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
+
+        module.forward = checkpointed
+    return len(modules)
+
+
+def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
+    """Split every tensor/list of ``batch`` along its first dimension into ``parts`` equal micro-batches."""
+    if parts == 1:
+        return [dict(batch)]
+    sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list, tuple))}
+    size = sizes.pop() if len(sizes) == 1 else None
+    if size is None or size % parts:
+        raise ConfigError(f"a batch of {size} samples cannot be split into {parts} equal micro-batches",
+                          "train.mega_batch_factor")
+    m = size // parts
+    return [{k: (v[i * m:(i + 1) * m] if isinstance(v, (torch.Tensor, list, tuple)) else v) for k, v in batch.items()}
+            for i in range(parts)]
+
+
+class ExtensibleTrainer:
+    """Builds networks, steps and EMA from a resolved config and runs training iterations."""
+
+    def __init__(self, cfg: Mapping[str, Any], device: torch.device, wrap: Optional[Callable] = None):
+        self.cfg = cfg
+        self.device = device
+        train = cfg["train"]
+        self.precision = cfg.get("precision", "fp32")
+        self.mega_batch_factor = int(train.get("mega_batch_factor", 1))
+        self.step = 0  # completed iterations
+        self.bad_steps = 0  # consecutive skipped updates (NaN/Inf guard)
+        self.bad_total = 0
+
+        self.networks: dict[str, torch.nn.Module] = {}
+        self.frozen: dict[str, Any] = {}
+        for name, ncfg in cfg["networks"].items():
+            net = NETWORKS.build(dict(ncfg), f"networks.{name}", reserved=NETWORK_KEYS).to(device)
+            if ncfg.get("channels_last"):
+                net = net.to(memory_format=torch.channels_last)
+            self.networks[name] = net
+            frozen = ncfg.get("frozen", False)
+            self.frozen[name] = Gate(frozen.get("after"), frozen.get("before"), None,
+                                      f"networks.{name}.frozen") if isinstance(frozen, dict) else bool(frozen)
+        self.steps = [Step.from_config(name, scfg) for name, scfg in cfg["steps"].items()]
+        self._check_training_names()
+
+        ema_cfg = train.get("ema")
+        self.ema: Optional[EMA] = None
+        if ema_cfg:
+            rates = ema_cfg["rate"] if isinstance(ema_cfg["rate"], list) else [ema_cfg["rate"]]
+            names = ema_cfg.get("networks") or [s for step in self.steps for s in step.training]
+            names = [n for n in dict.fromkeys(names) if cfg["networks"][n].get("ema", True)]
+            self.ema = EMA({n: self.networks[n] for n in names}, rates, ema_cfg.get("warmup", 0),
+                           ema_cfg.get("start", 0))
+
+        # Checkpointing and compilation change how a network runs, not its weights: apply them after the EMA
+        # copies are made so that the shadows stay plain modules.
+        self.runners: dict[str, torch.nn.Module] = {}
+        for name, net in self.networks.items():
+            ncfg = cfg["networks"][name]
+            if ncfg.get("checkpointing"):
+                enable_checkpointing(net, name)
+            self.runners[name] = torch.compile(net) if ncfg.get("compile") else net
+        trained = {n for step in self.steps for n in step.training}
+        if wrap is not None:  # DDP: only networks some step trains are wrapped (and all-reduced)
+            self.runners.update({n: wrap(self.runners[n]) for n in trained})
+
+        scheduler_default = train.get("lr_scheduler")
+        use_scaler = self.precision == "fp16"
+        for step, scfg in zip(self.steps, cfg["steps"].values()):
+            sched = scfg.get("lr_scheduler") or scheduler_default
+            sched_path = f"steps.{step.name}.lr_scheduler" if scfg.get("lr_scheduler") else "train.lr_scheduler"
+            step.build_optimizer(scfg["optimizer"], self.networks, sched, sched_path, use_scaler, device)
+        self._disabled: list[torch.nn.Parameter] = []
+
+    # ------------------------------------------------------------------ graph checks
+    def _check_training_names(self) -> None:
+        problems = []
+        for step in self.steps:
+            for i, name in enumerate(step.training):
+                if name not in self.networks:
+                    from dlas.errors import did_you_mean
+                    problems.append(Problem(f"steps.{step.name}.training[{i}]", f"unknown network '{name}'"
+                                            f"{did_you_mean(name, self.networks)}"))
+        if problems:
+            raise ConfigError(problems)
+
+    def check_graph(self, dataset_keys: Iterable[str]) -> None:
+        """Every key read is produced earlier; every trained network is reached by some loss of its step."""
+        problems = []
+        available = set(dataset_keys)
+        for step in self.steps:
+            producers: dict[str, Any] = {}
+            for item in step.injectors:
+                path = f"steps.{step.name}.injectors.{item.name}"
+                for key in item.injector.reads:
+                    if key not in available:
+                        problems.append(Problem(path, f"reads state key '{key}', which nothing produces before it "
+                                                f"(available: {', '.join(sorted(available))})"))
+                for net in item.injector.networks:
+                    if net not in self.networks:
+                        problems.append(Problem(path, f"uses unknown network '{net}'"))
+                for key in item.injector.writes:
+                    producers[key] = item.injector
+                available |= set(item.injector.writes)
+            reached: set[str] = set()
+            for item in step.losses:
+                path = f"steps.{step.name}.losses.{item.name}"
+                for key in item.loss.reads:
+                    if key not in available:
+                        problems.append(Problem(path, f"reads state key '{key}', which nothing produces before it "
+                                                f"(available: {', '.join(sorted(available))})"))
+                for net in item.loss.networks:
+                    if net not in self.networks:
+                        problems.append(Problem(path, f"uses unknown network '{net}'"))
+                reached |= set(item.loss.networks)
+                frontier, seen = list(item.loss.reads), set()
+                while frontier:
+                    key = frontier.pop()
+                    if key in seen or key not in producers:
+                        continue
+                    seen.add(key)
+                    reached |= set(producers[key].networks)
+                    frontier += producers[key].reads
+            for i, name in enumerate(step.training):
+                if name not in reached:
+                    problems.append(Problem(f"steps.{step.name}.training[{i}]", f"network '{name}' is trained by "
+                                            "this step, but none of its losses depends on it"))
+        if problems:
+            raise ConfigError(problems)
+
+    # ------------------------------------------------------------------ one iteration
+    def is_frozen(self, name: str, step: int) -> bool:
+        frozen = self.frozen[name]
+        return frozen.active(step) if isinstance(frozen, Gate) else frozen
+
+    def _set_trainable(self, trainable: set[str]) -> None:
+        """Turn off gradients of networks a step does not train, remembering which ones to turn back on."""
+        self._restore_grads()
+        for name, net in self.networks.items():
+            if name not in trainable:
+                params = [p for p in net.parameters() if p.requires_grad]
+                for p in params:
+                    p.requires_grad_(False)
+                self._disabled += params
+
+    def _restore_grads(self) -> None:
+        for p in self._disabled:
+            p.requires_grad_(True)
+        self._disabled = []
+
+    def context(self, step: int, training: bool = True) -> Context:
+        return Context(networks=self.runners, step=step, training=training, device=self.device)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = DTYPES[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def train_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Run one iteration on ``batch``; returns detached values to log (losses, grad norms, debug scalars)."""
+        it = self.step + 1
+        for net in self.networks.values():
+            net.train()
+            if hasattr(net, "set_step"):
+                net.set_step(it)
+        states = split_batch(self.to_device(batch), self.mega_batch_factor)
+        ctx = self.context(it)
+        logs: dict[str, torch.Tensor] = {}
+        for step in self.steps:
+            if not step.gate.active(it):
+                continue
+            trainable = {n for n in step.training if not self.is_frozen(n, it)}
+            self._set_trainable(trainable)
+            step.zero_grad()
+            finite = []
+            for i, state in enumerate(states):
+                with self._no_sync(trainable, last=i == len(states) - 1):
+                    logged = step.forward_backward(state, ctx, len(states), self.autocast)
+                finite += [v.float() for k, v in logged.items() if "/" not in k]
+                for key, value in logged.items():
+                    name = f"{step.name}/{key}"
+                    logs[name] = logs.get(name, 0) + value.float() / len(states)
+                for key, value in state.items():  # free the graph of this step; later steps see values only
+                    if isinstance(value, torch.Tensor) and value.requires_grad:
+                        state[key] = value.detach()
+            losses_finite = torch.isfinite(torch.stack(finite)).all() if finite else torch.tensor(True)
+            norm, ok = step.optimize(losses_finite)
+            logs[f"{step.name}/grad_norm"] = norm.detach()
+            if ok:
+                self.bad_steps = 0
+                if self.ema:
+                    self.ema.update(it, sorted(trainable))
+            else:
+                self.bad_steps += 1
+                self.bad_total += 1
+                bad = [k for k, v in logs.items() if k.startswith(f"{step.name}/") and not torch.isfinite(v).all()]
+                log.warning("step %d: non-finite %s in step '%s'; update skipped (%d in a row)", it,
+                            ", ".join(bad) or "gradient", step.name, self.bad_steps)
+        self._restore_grads()
+        for step in self.steps:  # schedulers count iterations, so milestones are global step numbers
+            if step.scheduler is not None:
+                step.scheduler.step()
+        for name, value in ctx.scalars.items():
+            logs[f"debug/{name}"] = torch.as_tensor(value).detach().float()
+        self.step = it
+        self.last_states = states
+        return logs
+
+    def _no_sync(self, trainable: set[str], last: bool) -> contextlib.AbstractContextManager:
+        """Suppress DDP's all-reduce on every micro-batch but the last, for every network of the step."""
+        stack = contextlib.ExitStack()
+        if not last:
+            for name in trainable:
+                runner = self.runners[name]
+                if hasattr(runner, "no_sync"):
+                    stack.enter_context(runner.no_sync())
+        return stack
+
+    # ------------------------------------------------------------------ evaluation helpers
+    def eval_networks(self, use_ema: bool = True) -> dict[str, torch.nn.Module]:
+        """Networks for validation: each one's EMA (first rate) where it has one, in eval mode."""
+        nets = {}
+        for name, net in self.networks.items():
+            nets[name] = self.ema.primary(name) if use_ema and self.ema and name in self.ema.sources else net
+            nets[name].eval()
+        return nets
+
+    @torch.no_grad()
+    def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, float]:
+        """The training graph's losses on ``batch`` without any update (the ``loss`` evaluator)."""
+        state = self.to_device(batch)
+        ctx = self.context(self.step, training=False)
+        out: dict[str, float] = {}
+        with self.autocast():
+            for step in self.steps:
+                step.run_injectors(state, ctx)
+                _, logged = step.compute_losses(state, ctx)
+                out.update({f"{step.name}/{k}": float(v) for k, v in logged.items() if "/" not in k})
+        return out
+
+    # ------------------------------------------------------------------ state
+    def weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Checkpoint files: ``NET`` and ``NET_ema[_RATE]`` -> state dict."""
+        files = {name: net.state_dict() for name, net in self.networks.items()}
+        if self.ema:
+            files.update(self.ema.state_dicts())
+        return files
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "bad_steps": self.bad_steps,
+            "bad_total": self.bad_total,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            "steps": {step.name: step.state_dict() for step in self.steps},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        for name, net in self.networks.items():
+            if name not in weights:
+                raise ConfigError(f"the checkpoint has no weights for network '{name}'", f"networks.{name}")
+            net.load_state_dict(weights[name])
+        if self.ema:
+            self.ema.load_state_dicts(weights, state.get("ema_updates", 0))
+        for step in self.steps:
+            if step.name in state["steps"]:
+                step.load_state_dict(state["steps"][step.name])
+            else:
+                log.warning("the checkpoint has no optimizer state for step '%s': it starts fresh", step.name)
+        self.step = state["step"]
+        self.bad_steps = state.get("bad_steps", 0)
+        self.bad_total = state.get("bad_total", 0)

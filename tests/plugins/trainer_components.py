@@ -1,0 +1,55 @@
+"""Tiny components for trainer tests: a conv net, a two-output net, and an in-memory random dataset."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dlas.registry import DATASETS, NETWORKS
+
+
+@NETWORKS.register("test_conv")
+class TestConv(torch.nn.Module):
+    """Two 3x3 convolutions with a ReLU between them (trainer tests)."""
+
+    def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 4):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(in_nc, nf, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(nf, out_nc, 3, padding=1))
+        self.steps_seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def set_step(self, step: int) -> None:
+        self.steps_seen.append(step)
+
+
+@NETWORKS.register("test_critic")
+class TestCritic(torch.nn.Module):
+    """A conv + mean-pool critic returning one logit per image (trainer tests)."""
+
+    def __init__(self, in_nc: int = 3, nf: int = 4):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_nc, nf, 3, padding=1)
+        self.head = torch.nn.Linear(nf, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@DATASETS.register("test_random_pairs")
+class RandomPairs(torch.utils.data.Dataset):
+    """``length`` fixed random (lq, hq) pairs of ``size``x``size``; hq is a smooth function of lq."""
+
+    def __init__(self, length: int = 16, size: int = 8):
+        rng = np.random.default_rng(1234)
+        self.lq = torch.from_numpy(rng.random((length, 3, size, size), dtype=np.float32))
+        self.hq = (self.lq * 0.5 + 0.25).flip(1)
+        self.seed = 0
+
+    def __len__(self) -> int:
+        return len(self.lq)
+
+    def __getitem__(self, key):
+        index = key[1] if isinstance(key, tuple) else key
+        return {"lq": self.lq[index], "hq": self.hq[index], "index": index}

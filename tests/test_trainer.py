@@ -1,0 +1,251 @@
+"""ExtensibleTrainer: a config-driven run equals the hand-written PyTorch loop of the same math."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trainer_components  # noqa: F401  (registers test_conv, test_critic, test_random_pairs)
+from dlas.errors import ConfigError
+from dlas.trainer.ema import EMA
+from dlas.trainer.schedules import Gate
+from dlas.trainer.trainer import ExtensibleTrainer
+
+CPU = torch.device("cpu")
+
+
+def base_cfg(**train):
+    return {
+        "name": "t",
+        "networks": {"gen": {"type": "test_conv", "nf": 4}},
+        "steps": {
+            "gen": {
+                "training": ["gen"],
+                "optimizer": {"type": "adam", "lr": 1e-2, "betas": [0.9, 0.99]},
+                "injectors": {"g": {"type": "generator", "network": "gen", "in": "lq", "out": "out"}},
+                "losses": {"pix": {"type": "pix", "criterion": "l1", "real": "hq", "fake": "out", "weight": 1.0}},
+            }
+        },
+        "train": {"niter": 10, "mega_batch_factor": 1, **train},
+    }
+
+
+def batches(n, batch_size=4, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        lq = torch.rand(batch_size, 3, size, size, generator=g)
+        out.append({"lq": lq, "hq": (lq * 0.5 + 0.25).flip(1)})
+    return out
+
+
+def build(cfg, seed=0):
+    torch.manual_seed(seed)
+    return ExtensibleTrainer(cfg, CPU)
+
+
+def reference_net(seed=0, nf=4):
+    torch.manual_seed(seed)
+    return trainer_components.TestConv(nf=nf)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, atol=1e-6):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=atol), f"{name} differs by {(p - q).abs().max()}"
+
+
+def test_config_run_equals_hand_written_loop():
+    trainer = build(base_cfg())
+    net = reference_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    for batch in batches(5):
+        trainer.train_step(batch)
+        opt.zero_grad()
+        F.l1_loss(net(batch["lq"]), batch["hq"]).backward()
+        opt.step()
+    assert trainer.step == 5
+    assert_same_weights(trainer.networks["gen"], net, atol=0)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_mega_batching_is_the_same_update_as_the_full_batch(factor):
+    full = build(base_cfg())
+    mega = build(base_cfg(mega_batch_factor=factor))
+    for batch in batches(4):
+        full.train_step(batch)
+        mega.train_step(batch)
+    assert_same_weights(full.networks["gen"], mega.networks["gen"], atol=1e-6)
+
+
+def test_gates_and_weight_schedules_match_the_hand_written_math():
+    cfg = base_cfg()
+    losses = cfg["steps"]["gen"]["losses"]
+    losses["pix"]["weight"] = {"schedule": "linear", "from": 0.0, "to": 1.0, "start": 1, "end": 4}
+    losses["l2"] = {"type": "pix", "criterion": "l2", "real": "hq", "fake": "out", "weight": 2.0, "after": 2}
+    trainer = build(cfg)
+    net = reference_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    for step, batch in enumerate(batches(6), start=1):
+        trainer.train_step(batch)
+        out = net(batch["lq"])
+        w = min(max((step - 1) / 3, 0.0), 1.0)
+        loss = w * F.l1_loss(out, batch["hq"])
+        if step > 2:
+            loss = loss + 2.0 * F.mse_loss(out, batch["hq"])
+        if step == 1:  # every loss is zero-weighted or gated off: the step makes no update at all
+            continue
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert_same_weights(trainer.networks["gen"], net, atol=1e-6)
+
+
+def gan_cfg():
+    cfg = base_cfg()
+    cfg["networks"]["critic"] = {"type": "test_critic"}
+    cfg["steps"] = {
+        "gen": {
+            "training": ["gen"],
+            "optimizer": {"type": "adam", "lr": 1e-2},
+            "injectors": {"g": {"type": "generator", "network": "gen", "in": "lq", "out": "fake"}},
+            "losses": {
+                "pix": {"type": "pix", "criterion": "l1", "real": "hq", "fake": "fake"},
+                # the critic's score of the fake, as a direct loss: gradients reach gen *through* the critic
+                "adv": {"type": "direct", "key": "score"},
+            },
+        },
+        "critic": {
+            "training": ["critic"],
+            "optimizer": {"type": "adam", "lr": 1e-2},
+            "injectors": {
+                "f": {"type": "generator", "network": "gen", "in": "lq", "out": "fake", "grad": False},
+                "d": {"type": "generator", "network": "critic", "in": "fake", "out": "dfake"},
+            },
+            "losses": {"d": {"type": "direct", "key": "dfake", "weight": -1.0}},
+        },
+    }
+    cfg["steps"]["gen"]["injectors"]["s"] = {"type": "generator", "network": "critic", "in": "fake", "out": "score"}
+    return cfg
+
+
+def test_each_gan_step_changes_only_its_own_networks():
+    trainer = build(gan_cfg())
+    batch = batches(1)[0]
+    gen_step, critic_step = trainer.steps
+    before = copy.deepcopy({n: net.state_dict() for n, net in trainer.networks.items()})
+    critic_step.gate = Gate(after=10**9)  # only the generator step runs
+    trainer.train_step(batch)
+    assert all(torch.equal(v, trainer.networks["critic"].state_dict()[k]) for k, v in before["critic"].items())
+    assert not all(torch.equal(v, trainer.networks["gen"].state_dict()[k]) for k, v in before["gen"].items())
+    # the critic got no gradients while the generator step called it
+    assert all(p.grad is None for p in trainer.networks["critic"].parameters())
+
+    critic_step.gate = Gate()
+    gen_step.gate = Gate(after=10**9)
+    before = copy.deepcopy({n: net.state_dict() for n, net in trainer.networks.items()})
+    trainer.train_step(batch)
+    assert all(torch.equal(v, trainer.networks["gen"].state_dict()[k]) for k, v in before["gen"].items())
+    assert not all(torch.equal(v, trainer.networks["critic"].state_dict()[k]) for k, v in before["critic"].items())
+
+
+def test_networks_not_trained_by_a_step_build_no_graph_for_their_parameters():
+    trainer = build(gan_cfg())
+    trainer.steps[1].gate = Gate(after=10**9)
+    trainer.train_step(batches(1)[0])
+    assert all(p.requires_grad for p in trainer.networks["critic"].parameters()), "flags restored after the step"
+    assert all(p.grad is None for p in trainer.networks["critic"].parameters())
+
+
+def test_non_finite_loss_skips_the_update_and_counts_it():
+    trainer = build(base_cfg())
+    before = copy.deepcopy(trainer.networks["gen"].state_dict())
+    batch = batches(1)[0]
+    batch["hq"][0, 0, 0, 0] = float("nan")
+    logs = trainer.train_step(batch)
+    assert trainer.bad_steps == 1 and trainer.bad_total == 1
+    assert not math.isfinite(float(logs["gen/pix"]))
+    for k, v in before.items():
+        assert torch.equal(v, trainer.networks["gen"].state_dict()[k])
+    trainer.train_step(batches(1)[0])
+    assert trainer.bad_steps == 0 and trainer.bad_total == 1
+
+
+def test_ema_follows_the_exponential_average():
+    net = torch.nn.Linear(2, 2)
+    ema = EMA({"n": net}, rates=[0.9, 0.5])
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    ema.update(0)  # first update at `start` copies
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema.update(1)
+    ema.update(2)
+    assert torch.allclose(ema.shadows[0.9]["n"].weight, torch.full((2, 2), 1 - 0.9**2))
+    assert torch.allclose(ema.shadows[0.5]["n"].weight, torch.full((2, 2), 1 - 0.5**2))
+    assert set(ema.state_dicts()) == {"n_ema", "n_ema_0.5"}
+
+
+def test_ema_warmup_uses_a_smaller_decay_early():
+    ema = EMA({"n": torch.nn.Linear(1, 1)}, rates=[0.999], warmup=10)
+    assert ema.decay(0.999) == pytest.approx(1 / 10)
+    ema.updates = 10_000
+    assert ema.decay(0.999) == pytest.approx(0.999)
+
+
+def test_trainer_uses_ema_for_validation_networks():
+    cfg = base_cfg(ema={"rate": 0.5, "networks": ["gen"]})
+    trainer = build(cfg)
+    for batch in batches(3):
+        trainer.train_step(batch)
+    nets = trainer.eval_networks()
+    assert nets["gen"] is trainer.ema.primary("gen")
+    assert not torch.equal(nets["gen"].body[0].weight, trainer.networks["gen"].body[0].weight)
+
+
+def test_set_step_hook_receives_the_step_counter():
+    trainer = build(base_cfg())
+    for batch in batches(3):
+        trainer.train_step(batch)
+    assert trainer.networks["gen"].steps_seen == [1, 2, 3]
+
+
+def test_static_check_reports_unproduced_keys_and_unreached_networks():
+    cfg = gan_cfg()
+    cfg["steps"]["gen"]["losses"]["pix"]["real"] = "hr"
+    cfg["steps"]["critic"]["training"] = ["critic", "gen"]
+    cfg["steps"]["critic"]["injectors"]["d"]["in"] = "lq"
+    trainer = build(cfg)
+    with pytest.raises(ConfigError) as info:
+        trainer.check_graph(["lq", "hq"])
+    paths = {p.path for p in info.value.problems}
+    assert "steps.gen.losses.pix" in paths
+    assert "steps.critic.training[1]" in paths
+    assert any("'hr'" in p.message for p in info.value.problems)
+
+
+def test_state_dict_round_trip_continues_identically():
+    a = build(base_cfg(ema={"rate": 0.9}))
+    data = batches(6)
+    for batch in data[:3]:
+        a.train_step(batch)
+    b = build(base_cfg(ema={"rate": 0.9}), seed=99)
+    b.load_state_dict(copy.deepcopy(a.state_dict()), copy.deepcopy(a.weights()))
+    for batch in data[3:]:
+        a.train_step(batch)
+        b.train_step(batch)
+    assert_same_weights(a.networks["gen"], b.networks["gen"], atol=0)
+    assert_same_weights(a.ema.primary("gen"), b.ema.primary("gen"), atol=0)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    plain = build(base_cfg())
+    cfg = base_cfg()
+    cfg["networks"]["gen"]["checkpointing"] = True
+    ckpt = build(cfg)
+    for batch in batches(2):
+        plain.train_step(batch)
+        ckpt.train_step(batch)
+    assert_same_weights(plain.networks["gen"], ckpt.networks["gen"], atol=1e-6)
