@@ -38,7 +38,8 @@ class ResumableSampler(Sampler):
         the permutation is extended from its start so every rank gets the same number of samples.
     batch_size: the per-rank batch; with ``drop_last`` each rank's epoch share is a multiple of it, so a batch
         never straddles two epochs.
-    epochs: stop after this many epochs (``None``: never; validation passes use 1).
+    epochs: stop after this many epochs (``None``: never); validation uses 1, and each iteration of a bounded
+        sampler makes the same pass again.
     """
 
     def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
@@ -62,11 +63,12 @@ class ResumableSampler(Sampler):
                               f"rank(s) ({batch_size} per rank); add data or lower batch_size", "batch_size")
         self.epoch = 0
         self.position = 0  # samples of the current epoch already handed out by this rank
+        self._start = (0, 0)  # where a bounded sampler (re)starts each pass
 
     def __len__(self) -> int:
         if self.epochs is None:
             raise TypeError("an endless ResumableSampler has no length; see samples_per_epoch")
-        return self.epochs * self.samples_per_epoch - (self.epoch * self.samples_per_epoch + self.position)
+        return self.epochs * self.samples_per_epoch - (self._start[0] * self.samples_per_epoch + self._start[1])
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's indices of ``epoch``, in order."""
@@ -81,6 +83,10 @@ class ResumableSampler(Sampler):
         return order[self.rank:total:self.world_size]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.epochs is not None:
+            # A bounded sampler (validation) makes the same pass each time it is iterated;
+            # an endless one continues where it stopped.
+            self.epoch, self.position = self._start
         while self.epochs is None or self.epoch < self.epochs:
             indices = self.epoch_indices(self.epoch)
             while self.position < len(indices):
@@ -105,6 +111,7 @@ class ResumableSampler(Sampler):
         if not 0 <= self.position < self.samples_per_epoch:
             self.epoch += self.position // self.samples_per_epoch
             self.position %= self.samples_per_epoch
+        self._start = (self.epoch, self.position)
 
 
 def seed_worker(worker_id: int, base_seed: int, rank: int) -> None:
