@@ -58,7 +58,9 @@ def load_config(path: str, overrides: Iterable[str] = (), imports: Iterable[str]
     source.prune(data)
     resolved, problems = schema.validate(data, training=training)
     if problems:
-        raise ConfigError(source.attach_lines(problems))
+        located = source.attach_lines(problems)
+        # In file order, so the list reads top to bottom alongside the editor.
+        raise ConfigError(sorted(located, key=lambda p: (p.file or "", p.line or 0)))
     return Config(resolved, source)
 
 
