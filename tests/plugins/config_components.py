@@ -66,3 +66,19 @@ class TinyPsnr:
     def __init__(self, dataset: str = "val", fake: str = "gen", real: str = "hq", crop_border: int = 0,
                  limit: Optional[int] = None):
         self.dataset, self.fake, self.real, self.crop_border, self.limit = dataset, fake, real, crop_border, limit
+
+
+@INJECTORS.register("tiny_shared")
+class TinySharedInjector:
+    """An injector whose name a loss also uses (``--describe`` shows both)."""
+
+    def __init__(self, out: str = "shared"):
+        self.out = out
+
+
+@LOSSES.register("tiny_shared")
+class TinySharedLoss:
+    """A loss whose name an injector also uses (``--describe`` shows both)."""
+
+    def __init__(self, real: str = "hq"):
+        self.real = real

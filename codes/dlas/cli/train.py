@@ -153,17 +153,17 @@ def _prepare_run_dir(run_dir: Path, config_text: str, fresh: bool) -> None:
 
 
 # ---------------------------------------------------------------------- --list / --describe
-def list_components(kind: str = "all") -> str:
+def list_components(kind: str = "all", registries: Optional[dict[str, Any]] = None) -> str:
     """One line per registered component of ``kind`` (or all kinds): name and first docstring line.
 
     A built-in whose module fails to import is listed with the reason instead of its docstring.
+    ``registries`` defaults to :data:`dlas.registry.REGISTRIES`.
     """
-    from dlas.registry import REGISTRIES
-
-    kinds = _kinds(kind, REGISTRIES)
+    if registries is None:
+        from dlas.registry import REGISTRIES as registries
     lines = []
-    for name in kinds:
-        registry = REGISTRIES[name]
+    for name in _kinds(kind, registries):
+        registry = registries[name]
         lines.append(f"{'losses' if name == 'loss' else name + 's'}:")
         for component in registry.names():
             try:

@@ -1,0 +1,164 @@
+"""dlas-train's command line: exit codes, --print-config, --list, --describe, the run folder and the log."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dlas.cli.train import _prepare_run_dir, describe_component, list_components, main
+from dlas.logging.console import setup_logging
+from dlas.registry import Registry
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "tests/configs/good/tiny.yml"
+
+
+def run_train(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "plugins"), str(ROOT / "codes")]))
+    return subprocess.run([sys.executable, "codes/train.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_print_config_prints_the_resolved_config_with_overrides():
+    result = run_train("-opt", TINY, "--print-config", "train.niter=7", "steps.generator.optimizer.lr=1e-5")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["train"]["niter"] == 7 and cfg["steps"]["generator"]["optimizer"]["lr"] == 1e-5
+    assert cfg["logger"]["keep_checkpoints"] == 5  # a default, filled in
+
+
+def test_overrides_may_come_before_the_flags():
+    result = run_train("-opt", TINY, "train.niter=3", "--print-config")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["train"]["niter"] == 3
+
+
+def test_loading_a_config_does_not_import_torch():
+    code = ("import sys; from dlas.cli.train import main; rc = main(['-opt', '%s', '--print-config']); "
+            "assert rc == 0 and 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)" % TINY)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "plugins"), str(ROOT / "codes")]))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_bad_override_exits_2_with_did_you_mean():
+    result = run_train("-opt", TINY, "--print-config", "train.nitre=7")
+    assert result.returncode == 2
+    assert "error: train.nitre: no key 'nitre' in train (did you mean 'niter'?)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_config_file_exits_2():
+    result = run_train("-opt", "tests/configs/none.yml", "--validate")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: tests/configs/none.yml: config file 'tests/configs/none.yml' does not exist"
+
+
+def test_no_config_and_no_command_exits_2(capsys):
+    assert main([]) == 2
+    assert "give a config file: -opt FILE.yml" in capsys.readouterr().err
+
+
+def test_unknown_flag_exits_2(capsys):
+    assert main(["-opt", TINY, "--frsh"]) == 2
+    assert "error: arguments: unrecognized arguments: --frsh" in capsys.readouterr().err
+
+
+def test_list_shows_one_kind_with_first_docstring_lines(capsys):
+    assert main(["--import", "config_components", "--list", "optimizer"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^  tiny_adam +Adam stand-in; ``params`` is provided by the framework\.$", out, re.M)
+    assert "tiny_net" not in out
+
+
+def test_list_accepts_plural_kinds(capsys):
+    assert main(["--import", "config_components", "--list", "losses"]) == 0
+    assert "tiny_pix" in capsys.readouterr().out
+
+
+def test_list_unknown_kind_exits_2_with_did_you_mean(capsys):
+    assert main(["--list", "netwrok"]) == 2
+    assert "unknown component kind 'netwrok' (did you mean 'network'?)" in capsys.readouterr().err
+
+
+def test_list_reports_a_component_whose_module_fails_to_import():
+    registry = Registry("network", {"ghost_net": "dlas.models.no_such_module"})
+    listing = list_components("network", {"network": registry})
+    assert re.search(r"ghost_net +UNAVAILABLE: .*No module named 'dlas\.models\.no_such_module'", listing)
+
+
+def test_describe_prints_options_and_docstring(capsys):
+    assert main(["--import", "config_components", "--describe", "tiny_net"]) == 0
+    out = capsys.readouterr().out
+    assert "A stand-in upsampling network" in out
+    assert "nf: integer = 4" in out and "act: 'relu' | 'lrelu' = 'relu'" in out
+
+
+def test_describe_an_ambiguous_name_prints_each_component():
+    text = describe_component("tiny_shared")
+    assert "injector 'tiny_shared'" in text and "loss 'tiny_shared'" in text
+
+
+def test_describe_unknown_name_exits_2_with_did_you_mean(capsys):
+    assert main(["--import", "config_components", "--describe", "tiny_nte"]) == 2
+    assert "no component named 'tiny_nte' (did you mean 'tiny_net'?)" in capsys.readouterr().err
+
+
+def test_run_folder_gets_the_resolved_config(tmp_path):
+    run_dir = tmp_path / "experiments" / "tiny"
+    _prepare_run_dir(run_dir, "name: tiny\n", fresh=False)
+    assert (run_dir / "config.yml").read_text() == "name: tiny\n"
+
+
+def test_fresh_renames_the_old_run_folder_and_never_deletes_it(tmp_path):
+    run_dir = tmp_path / "tiny"
+    (run_dir / "checkpoints" / "100").mkdir(parents=True)
+    _prepare_run_dir(run_dir, "name: tiny\n", fresh=True)
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith("tiny.old-")]
+    assert re.fullmatch(r"tiny\.old-\d{8}-\d{6}", old.name)
+    assert (old / "checkpoints" / "100").is_dir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yml"]
+
+
+def test_resuming_with_a_changed_config_keeps_the_previous_one(tmp_path):
+    _prepare_run_dir(tmp_path, "train: {niter: 10}\n", fresh=False)
+    _prepare_run_dir(tmp_path, "train: {niter: 20}\n", fresh=False)
+    assert (tmp_path / "config.previous.yml").read_text() == "train: {niter: 10}\n"
+    assert (tmp_path / "config.yml").read_text() == "train: {niter: 20}\n"
+
+
+def test_console_lines_are_mirrored_to_train_log_with_a_time(tmp_path, capsys):
+    log = setup_logging(tmp_path)
+    log = setup_logging(tmp_path)  # a second setup must not double every line
+    log.info("step 10 loss 0.5")
+    for handler in log.handlers:
+        handler.flush()
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert len(lines) == 1
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO +step 10 loss 0\.5", lines[0])
+    assert capsys.readouterr().out.strip() == lines[0]
+
+
+def test_other_ranks_log_only_warnings_and_write_no_file(tmp_path, capsys):
+    log = setup_logging(tmp_path, rank=1)
+    log.info("hidden")
+    log.warning("shown")
+    assert capsys.readouterr().out.strip().endswith("shown")
+    assert not (tmp_path / "train.log").exists()
+
+
+@pytest.fixture(autouse=True)
+def _reset_dlas_logger():
+    yield
+    logger = logging.getLogger("dlas")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
