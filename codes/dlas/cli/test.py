@@ -1,0 +1,254 @@
+"""``dlas-test`` / ``python codes/test.py``: run a trained network on images, score it, or run evaluators.
+
+Two modes:
+
+* ``--run experiments/NAME --input DIR|FILE --output DIR``: load the run's network from its newest (``--step N``,
+  ``--best``) checkpoint, EMA weights by default, upscale every image (tiled with ``--tile``), save PNGs; with
+  ``--metrics --reference DIR`` also score against HR images matched by file stem and print a table.
+* ``-opt test.yml``: build the ``networks`` (weights from ``path.pretrain_model_NET``), ``datasets`` and ``eval``
+  sections of a config, run each evaluator once, print and write ``metrics.json``.
+
+Exit codes: 0 success; 2 bad arguments, config or input (one ``error: …`` line each, no traceback); 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dlas.errors import ConfigError, DataError, UserError
+
+EXIT_OK, EXIT_USER_ERROR = 0, 2
+DEFAULT_METRICS = ["psnr", "ssim"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one "error:" line and exit code 2, like every other user error
+        self.print_usage(sys.stderr)
+        raise ConfigError(f"{message} (see --help)", "arguments")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dlas-test", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-opt", "--opt", metavar="TEST.yml", help="evaluate with a config's datasets + eval sections")
+    parser.add_argument("--run", metavar="experiments/NAME", help="the run folder to load the network from")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="use the checkpoint of this step (default: the newest)")
+    which.add_argument("--best", action="store_true", help="use the checkpoint recorded in checkpoints/best.json")
+    parser.add_argument("--network", help="network name in the config (default: the first sr evaluator's, "
+                                          "else 'generator')")
+    ema = parser.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=True,
+                     help="use NET_ema.safetensors when the checkpoint has it (the default)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw (non-EMA) weights")
+    parser.add_argument("--input", metavar="DIR|FILE", help="LQ image or folder of images")
+    parser.add_argument("--output", metavar="DIR", help="where to write results")
+    parser.add_argument("--tile", type=int, help="process images in tiles of N LQ pixels (bounds memory)")
+    parser.add_argument("--tile-overlap", type=int, default=16,
+                        help="LQ pixels shared by neighbouring tiles, at most tile/2 (default 16)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="fp32 (default), bf16 (CPU or GPU), fp16 (GPU only)")
+    parser.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
+    parser.add_argument("--metrics", nargs="*", choices=["psnr", "ssim", "lpips"], default=None,
+                        help="score outputs against --reference (no names: psnr ssim)")
+    parser.add_argument("--reference", metavar="DIR", help="HR images, matched to inputs by file stem")
+    parser.add_argument("--channel", choices=["y", "rgb"], default="y",
+                        help="score the MATLAB BT.601 luma (default, papers' convention) or RGB")
+    parser.add_argument("--crop-border", type=int, help="pixels ignored at each edge when scoring (default: scale)")
+    parser.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex", help="LPIPS backbone (default alex)")
+    parser.add_argument("--temperature", type=float, nargs="+", metavar="T",
+                        help="sampling temperature(s) for stochastic networks with sample(lq, temperature); "
+                             "several give one grid image per input, left to right")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; return the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        if args.opt and args.run:
+            raise ConfigError("give either -opt TEST.yml or --run experiments/NAME, not both", "arguments")
+        if args.opt:
+            return evaluate_config(args)
+        if args.run:
+            return upscale_folder(args)
+        raise ConfigError("give --run experiments/NAME --input DIR --output DIR, or -opt TEST.yml", "arguments")
+    except UserError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------- --run mode
+def _match_references(inputs: list[Path], reference: str) -> dict[Path, Path]:
+    from dlas.inference import list_images
+
+    by_stem = {p.stem: p for p in list_images(reference)}
+    missing = [p.name for p in inputs if p.stem not in by_stem]
+    if missing:
+        raise DataError(f"no reference image with the stem of {', '.join(missing[:5])}"
+                        f"{' …' if len(missing) > 5 else ''} (references are matched by file name without "
+                        "extension)", reference)
+    return {p: by_stem[p.stem] for p in inputs}
+
+
+def upscale_folder(args: argparse.Namespace) -> int:
+    """The ``--run`` mode: upscale ``--input`` into ``--output`` and optionally score it."""
+    import torch
+    from tqdm import tqdm
+
+    from dlas.inference import (autocast_context, batch_forward, infer_scale, list_images, load_image,
+                                load_trained_network, run_network, save_image, select_device)
+
+    if not args.input or not args.output:
+        raise ConfigError("--run needs --input DIR|FILE and --output DIR", "arguments")
+    if args.metrics is not None and not args.reference:
+        raise ConfigError("--metrics needs --reference DIR with the HR images", "--reference")
+    if args.tile is not None and (args.tile < 1 or not 0 <= args.tile_overlap <= args.tile // 2):
+        raise ConfigError(f"--tile-overlap must be between 0 and tile/2, got tile {args.tile}, overlap "
+                          f"{args.tile_overlap}", "--tile-overlap")
+    inputs = list_images(args.input)
+    references = _match_references(inputs, args.reference) if args.reference else {}
+    device = select_device(args.device)
+    loaded = load_trained_network(args.run, args.network, args.step, args.best, args.ema, device)
+    autocast = autocast_context(args.precision or "fp32", device)
+    forwards = [batch_forward(loaded.network, t) for t in (args.temperature or [None])]
+    print(f"{loaded.name} from {loaded.weights_file} (step {loaded.step}), {len(inputs)} image(s) -> {args.output}")
+    output_dir = Path(args.output)
+    scale, scores = None, {}
+    scorer = _Scorer(args.metrics or DEFAULT_METRICS, args.channel == "y", args.crop_border, args.lpips_net, device) \
+        if references else None
+    for path in tqdm(inputs, desc="dlas-test", unit="img", disable=None):
+        lq = load_image(path)[None].to(device)
+        outputs = []
+        with torch.no_grad(), autocast():
+            for forward in forwards:
+                if scale is None:
+                    scale = infer_scale(forward, lq, args.tile) if args.tile else None
+                output = run_network(forward, lq, scale or 1, args.tile, args.tile_overlap)
+                if scale is None:
+                    scale = output.shape[-1] // lq.shape[-1]
+                outputs.append(output.float().clamp(0, 1)[0].cpu())
+        save_image(output_dir / f"{path.stem}.png", torch.cat(outputs, dim=-1))
+        if scorer:
+            for temperature, output in zip(args.temperature or [None], outputs):
+                key = path.stem if temperature is None else f"{path.stem} T={temperature:g}"
+                scores[key] = scorer(output, references[path], scale)
+    if scorer:
+        means = _print_table(scores, scorer.convention(scale))
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(
+            {"mean": means, "images": scores, "convention": scorer.convention(scale), "step": loaded.step,
+             "weights": str(loaded.weights_file)}, indent=1))
+    return EXIT_OK
+
+
+class _Scorer:
+    """PSNR/SSIM/LPIPS of one output against its HR file, with the chosen convention."""
+
+    def __init__(self, metrics: list[str], y_channel: bool, crop_border: Optional[int], lpips_net: str, device):
+        self.metrics = list(dict.fromkeys(metrics))
+        self.y_channel = y_channel
+        self.crop_border = crop_border
+        self.lpips_net = lpips_net
+        self.lpips = None
+        if "lpips" in self.metrics:
+            from dlas.metrics import LPIPSMetric
+
+            self.lpips = LPIPSMetric(lpips_net, device=device)
+
+    def __call__(self, output, reference_file: Path, scale: int) -> dict[str, float]:
+        from dlas.inference import load_image, tensor_to_uint8
+        from dlas.metrics import psnr, ssim
+
+        out = tensor_to_uint8(output)
+        ref = tensor_to_uint8(load_image(reference_file))
+        if out.shape != ref.shape:
+            raise DataError(f"reference is {ref.shape[1]}x{ref.shape[0]} but the output is {out.shape[1]}x"
+                            f"{out.shape[0]}; crop HR images to scale x the LQ size", str(reference_file))
+        crop = scale if self.crop_border is None else self.crop_border
+        values = {}
+        if "psnr" in self.metrics:
+            values["psnr"] = psnr(out, ref, crop, self.y_channel)
+        if "ssim" in self.metrics:
+            values["ssim"] = ssim(out, ref, crop, self.y_channel)
+        if self.lpips is not None:
+            values["lpips"] = self.lpips(out, ref)
+        return values
+
+    def convention(self, scale: int) -> str:
+        crop = scale if self.crop_border is None else self.crop_border
+        lpips = f"; LPIPS {self.lpips_net}, RGB, whole image" if self.lpips else ""
+        return f"PSNR/SSIM on {'Y (BT.601)' if self.y_channel else 'RGB'}, {crop} px cropped per edge{lpips}"
+
+
+def _print_table(scores: dict[str, dict[str, float]], convention: str) -> dict[str, float]:
+    names = list(next(iter(scores.values())))
+    means = {n: sum(v[n] for v in scores.values()) / len(scores) for n in names}
+    width = max(len("mean"), *(len(k) for k in scores))
+    fmt = lambda n, v: ("inf" if math.isinf(v) else f"{v:.4f}" if n != "psnr" else f"{v:.2f}").rjust(8)
+    print(f"{'image'.ljust(width)} " + " ".join(n.rjust(8) for n in names))
+    for key, values in scores.items():
+        print(f"{key.ljust(width)} " + " ".join(fmt(n, values[n]) for n in names))
+    print(f"{'mean'.ljust(width)} " + " ".join(fmt(n, means[n]) for n in names))
+    print(f"({convention})")
+    return means
+
+
+# ---------------------------------------------------------------------- -opt mode
+def evaluate_config(args: argparse.Namespace) -> int:
+    """The ``-opt`` mode: run every evaluator of a test config once; print and write the metrics."""
+    import torch
+    import yaml
+
+    from dlas import load_network_weights
+    from dlas.evaluators.base import EvalContext
+    from dlas.inference import autocast_context, build_network, select_device
+    from dlas.registry import import_plugins
+    from dlas.trainer.run import build_datasets, build_evaluators
+
+    file = Path(args.opt)
+    if not file.is_file():
+        raise ConfigError("config file does not exist", str(file))
+    try:
+        cfg = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"unreadable YAML: {exc}", str(file)) from exc
+    import_plugins(cfg.get("imports") or [])
+    if not cfg.get("eval"):
+        raise ConfigError("a test config needs an 'eval:' section (e.g. {sr: {type: sr}})", "eval")
+    device = select_device(args.device if args.device != "auto" else str(cfg.get("device", "auto")))
+    paths = cfg.get("path") or {}
+    networks = {}
+    for name in cfg.get("networks") or {}:
+        net = build_network(cfg, name, f"networks.{name}")
+        weights = paths.get(f"pretrain_model_{name}")
+        if not weights:
+            raise ConfigError(f"no weights for network '{name}': set path.pretrain_model_{name}: FILE",
+                              f"path.pretrain_model_{name}")
+        if not Path(weights).is_file():
+            raise DataError("weights file does not exist", str(weights))
+        load_network_weights(net, weights, strict=paths.get("strict_load", True))
+        networks[name] = net.to(device).eval()
+    datasets = build_datasets(cfg)
+    evaluators = build_evaluators(cfg)
+    root = Path(args.output or paths.get("results") or Path("results") / str(cfg.get("name", file.stem)))
+    autocast = autocast_context(args.precision or cfg.get("precision", "fp32"), device)
+    metrics: dict[str, float] = {}
+    for name, evaluator in evaluators.items():
+        ctx = EvalContext(networks=networks, datasets=datasets, out_dir=root / name, step=0, device=device,
+                          autocast=autocast)
+        with torch.no_grad():
+            metrics.update({f"{name}/{k}": float(v) for k, v in evaluator(ctx).items()})
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}")
+    print(f"results in {root}")
+    return EXIT_OK

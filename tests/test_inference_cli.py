@@ -1,0 +1,193 @@
+"""Specification of dlas-test (``codes/test.py``) on tiny run folders made here."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dlas.cli.test import main
+from dlas.inference import load_image, save_image, tensor_to_uint8
+from dlas.trainer.checkpoint import save_checkpoint, write_best
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_run(root: Path, network_type="eval_tiny_sr", steps=(100, 200), bias_of_step=lambda s: s / 1000) -> Path:
+    """A run folder: config.yml + complete checkpoints whose conv bias is step/1000 (EMA: +0.5 of that)."""
+    run = root / "experiments" / "tiny"
+    run.mkdir(parents=True)
+    cfg = {"name": "tiny", "imports": ["eval_nets"],
+           "networks": {"generator": {"type": network_type, "scale": 2, "ema": True}},
+           "eval": {"val": {"type": "sr", "network": "generator"}}}
+    (run / "config.yml").write_text(yaml.safe_dump(cfg))
+    for step in steps:
+        raw = {"conv.weight": torch.zeros(3, 3, 3, 3), "conv.bias": torch.full((3,), bias_of_step(step))}
+        ema = {"conv.weight": torch.zeros(3, 3, 3, 3), "conv.bias": torch.full((3,), 1.5 * bias_of_step(step))}
+        save_checkpoint(run, step, {"generator": raw, "generator_ema": ema}, {"step": step})
+    return run
+
+
+def make_images(folder: Path, count=2, size=12, seed=0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(30, 150, (size, size + 2, 3), dtype=np.uint8) for _ in range(count)]
+    for i, image in enumerate(images):
+        save_image(folder / f"im{i}.png", image)
+    return images
+
+
+def output_bias(file: Path, lq: np.ndarray) -> float:
+    """The constant the network added to the nearest-upscaled input, read back from the saved output."""
+    out = tensor_to_uint8(load_image(file)).astype(float)
+    up = np.repeat(np.repeat(lq, 2, axis=0), 2, axis=1).astype(float)
+    return float(np.mean(out - up)) / 255
+
+
+@pytest.fixture
+def run_and_inputs(tmp_path):
+    run = make_run(tmp_path)
+    images = make_images(tmp_path / "lq")
+    return run, images, tmp_path
+
+
+def test_upscales_every_input_with_the_newest_checkpoint_and_ema_weights(run_and_inputs):
+    run, images, tmp = run_and_inputs
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out"), "--device", "cpu"]) == 0
+    for i, lq in enumerate(images):
+        file = tmp / "out" / f"im{i}.png"
+        assert load_image(file).shape == (3, 24, 28)
+        assert output_bias(file, lq) == pytest.approx(0.3, abs=1 / 255)  # step 200, EMA: 1.5 * 0.2
+
+
+def test_no_ema_step_and_best_pick_the_weights(run_and_inputs):
+    run, images, tmp = run_and_inputs
+    out = tmp / "out"
+    main(["--run", str(run), "--input", str(tmp / "lq" / "im0.png"), "--output", str(out), "--no-ema", "--step", "100"])
+    assert output_bias(out / "im0.png", images[0]) == pytest.approx(0.1, abs=1 / 255)
+    write_best(run, "val/psnr", 30.0, 100)
+    main(["--run", str(run), "--input", str(tmp / "lq" / "im0.png"), "--output", str(out), "--best"])
+    assert output_bias(out / "im0.png", images[0]) == pytest.approx(0.15, abs=1 / 255)
+
+
+def test_a_checkpoint_folder_without_manifest_is_ignored(run_and_inputs):
+    run, images, tmp = run_and_inputs
+    (run / "checkpoints" / "300").mkdir()
+    torch.save({}, run / "checkpoints" / "300" / "state.pt")
+    main(["--run", str(run), "--input", str(tmp / "lq" / "im0.png"), "--output", str(tmp / "out")])
+    assert output_bias(tmp / "out" / "im0.png", images[0]) == pytest.approx(0.3, abs=1 / 255)
+
+
+def test_tiled_output_equals_whole_image_output(tmp_path):
+    run = make_run(tmp_path)
+    make_images(tmp_path / "lq", count=1, size=40)
+    # raw weights (bias 0.2 = 51 levels): no output lands on a rounding tie that float noise could flip
+    main(["--run", str(run), "--no-ema", "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "whole")])
+    main(["--run", str(run), "--no-ema", "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "tiled"),
+          "--tile", "16", "--tile-overlap", "8"])
+    assert np.array_equal(tensor_to_uint8(load_image(tmp_path / "whole" / "im0.png")),
+                          tensor_to_uint8(load_image(tmp_path / "tiled" / "im0.png")))
+
+
+def test_metrics_against_references_print_a_table_and_write_metrics_json(run_and_inputs, capsys):
+    run, images, tmp = run_and_inputs
+    # references = exactly what the step-100 raw weights produce, so that checkpoint scores inf
+    main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "ref"), "--no-ema", "--step", "100"])
+    code = main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out"),
+                 "--metrics", "--reference", str(tmp / "ref")])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "im0" in table and "im1" in table and "mean" in table and "Y (BT.601)" in table
+    written = json.loads((tmp / "out" / "metrics.json").read_text())
+    assert set(written["images"]) == {"im0", "im1"}
+    # EMA step 200 adds 0.3 where the references have 0.1: a uniform error of 0.2*255 = 51 levels
+    assert 10 < written["mean"]["psnr"] < 20 and written["mean"]["ssim"] < 1
+    main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "same"), "--no-ema", "--step", "100",
+          "--metrics", "psnr", "--reference", str(tmp / "ref")])
+    assert json.loads((tmp / "same" / "metrics.json").read_text())["mean"]["psnr"] == float("inf")
+
+
+def test_several_temperatures_give_one_grid_per_input(tmp_path):
+    run = make_run(tmp_path, network_type="eval_tiny_flow", bias_of_step=lambda s: 0.0)
+    images = make_images(tmp_path / "lq", count=1)
+    assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out"),
+                 "--temperature", "0", "1"]) == 0
+    grid = tensor_to_uint8(load_image(tmp_path / "out" / "im0.png")).astype(float)
+    assert grid.shape == (24, 56, 3)
+    up = np.repeat(np.repeat(images[0], 2, axis=0), 2, axis=1).astype(float)
+    assert np.abs(grid[:, :28] - up).max() <= 1
+    assert np.abs(grid[:, 28:] - (up + 25.5)).max() <= 1  # temperature 1 brightens by 0.1
+
+
+def test_temperature_on_a_deterministic_network_is_an_error(run_and_inputs, capsys):
+    run, _, tmp = run_and_inputs
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "o"), "--temperature", "0.9"]) == 2
+    assert "sample" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda run, tmp: ["--input", str(tmp / "missing")], "no such file or folder"),
+    (lambda run, tmp: ["--network", "discriminator"], "no network 'discriminator'"),
+    (lambda run, tmp: ["--step", "150"], "no complete checkpoint for step 150"),
+    (lambda run, tmp: ["--best"], "best.json"),
+    (lambda run, tmp: ["--metrics"], "--reference"),
+])
+def test_bad_input_is_one_clear_line_and_exit_2(run_and_inputs, capsys, change, message):
+    run, _, tmp = run_and_inputs
+    args = {"--run": str(run), "--input": str(tmp / "lq"), "--output": str(tmp / "out")}
+    extra = change(run, tmp)
+    if extra[0] in args:
+        args[extra[0]] = extra[1]
+        extra = []
+    argv = [x for pair in args.items() for x in pair] + extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_an_unreadable_input_image_is_exit_2_naming_it(run_and_inputs, capsys):
+    run, _, tmp = run_and_inputs
+    (tmp / "lq" / "zz.png").write_bytes(b"garbage")
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out")]) == 2
+    assert "zz.png" in capsys.readouterr().err
+
+
+def test_a_run_without_checkpoints_is_exit_2(tmp_path, capsys):
+    run = make_run(tmp_path, steps=())
+    make_images(tmp_path / "lq", count=1)
+    assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "o")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
+def test_opt_mode_runs_the_evaluators_of_a_test_config(tmp_path, capsys):
+    run = make_run(tmp_path)
+    hq = make_images(tmp_path / "hq", count=2, size=24)
+    for i, image in enumerate(hq):  # LQ = every other pixel, so nearest x2 is close to HQ
+        save_image(tmp_path / "lqp" / f"im{i}.png", image[::2, ::2])
+    weights = tmp_path / "g.safetensors"
+    from safetensors.torch import save_file
+    save_file({"conv.weight": torch.zeros(3, 3, 3, 3), "conv.bias": torch.zeros(3)}, str(weights))
+    cfg = {"name": "t", "imports": ["eval_nets"], "networks": {"generator": {"type": "eval_tiny_sr", "scale": 2}},
+           "datasets": {"val": {"type": "paired_folder", "lq_path": str(tmp_path / "lqp"),
+                                "hq_path": str(tmp_path / "hq"), "scale": 2, "target_size": None,
+                                "use_flip": False, "use_rot": False}},
+           "eval": {"sr": {"type": "sr"}}, "path": {"pretrain_model_generator": str(weights)}}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(cfg))
+    assert main(["-opt", str(tmp_path / "test.yml"), "--output", str(tmp_path / "res")]) == 0, capsys.readouterr().err
+    metrics = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert {"sr/psnr", "sr/ssim", "sr/psnr_bicubic"} <= set(metrics)
+    assert (tmp_path / "res" / "sr" / "im0.png").is_file()
+    assert "sr/psnr" in capsys.readouterr().out
+
+
+def test_codes_test_py_runs_from_a_checkout_and_exits_2_on_bad_input(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "plugins")}
+    result = subprocess.run([sys.executable, str(REPO / "codes" / "test.py"), "--run", str(tmp_path / "nope"),
+                             "--input", str(tmp_path), "--output", str(tmp_path / "o")],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
