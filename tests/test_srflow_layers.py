@@ -20,6 +20,15 @@ from dlas.models.srflow.layers import (
 COND_CHANNELS = 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions run ~10x faster on one thread than with threads competing for a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomise_zero_convs(layer: nn.Module) -> None:
     """Give the zero-initialised convs random weights, so that couplings and priors are not the identity."""
     for module in layer.modules():
