@@ -25,15 +25,16 @@ EXIT_OK, EXIT_USER_ERROR = 0, 2
 DEFAULT_METRICS = ["psnr", "ssim"]
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's error convention (a ConfigError: one line, exit code 2)."""
+
     def error(self, message: str) -> None:  # one "error:" line and exit code 2, like every other user error
         self.print_usage(sys.stderr)
         raise ConfigError(f"{message} (see --help)", "arguments")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dlas-test", description=__doc__.split("\n\n")[0])
-    parser.add_argument("-opt", "--opt", metavar="TEST.yml", help="evaluate with a config's datasets + eval sections")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options choosing a run's network and checkpoint (shared with ``codes/process_video.py``)."""
     parser.add_argument("--run", metavar="experiments/NAME", help="the run folder to load the network from")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="use the checkpoint of this step (default: the newest)")
@@ -44,14 +45,39 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument("--ema", dest="ema", action="store_true", default=True,
                      help="use NET_ema.safetensors when the checkpoint has it (the default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw (non-EMA) weights")
-    parser.add_argument("--input", metavar="DIR|FILE", help="LQ image or folder of images")
-    parser.add_argument("--output", metavar="DIR", help="where to write results")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """Tiling, precision and device options (shared with ``codes/process_video.py``)."""
     parser.add_argument("--tile", type=int, help="process images in tiles of N LQ pixels (bounds memory)")
     parser.add_argument("--tile-overlap", type=int, default=16,
                         help="LQ pixels shared by neighbouring tiles, at most tile/2 (default 16)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                         help="fp32 (default), bf16 (CPU or GPU), fp16 (GPU only)")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
+
+
+def check_tiling(args: argparse.Namespace) -> None:
+    """A ConfigError for a --tile / --tile-overlap pair that cannot work."""
+    if args.tile is not None and (args.tile < 1 or not 0 <= args.tile_overlap <= args.tile // 2):
+        raise ConfigError(f"--tile-overlap must be between 0 and tile/2, got tile {args.tile}, overlap "
+                          f"{args.tile_overlap}", "--tile-overlap")
+
+
+def report_user_errors(exc: UserError) -> int:
+    """Print one ``error:`` line per problem; return exit code 2."""
+    for problem in exc.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="dlas-test", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-opt", "--opt", metavar="TEST.yml", help="evaluate with a config's datasets + eval sections")
+    add_run_arguments(parser)
+    parser.add_argument("--input", metavar="DIR|FILE", help="LQ image or folder of images")
+    parser.add_argument("--output", metavar="DIR", help="where to write results")
+    add_inference_arguments(parser)
     parser.add_argument("--metrics", nargs="*", choices=["psnr", "ssim", "lpips"], default=None,
                         help="score outputs against --reference (no names: psnr ssim)")
     parser.add_argument("--reference", metavar="DIR", help="HR images, matched to inputs by file stem")
@@ -77,9 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return upscale_folder(args)
         raise ConfigError("give --run experiments/NAME --input DIR --output DIR, or -opt TEST.yml", "arguments")
     except UserError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return report_user_errors(exc)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -110,9 +134,7 @@ def upscale_folder(args: argparse.Namespace) -> int:
         raise ConfigError("--run needs --input DIR|FILE and --output DIR", "arguments")
     if args.metrics is not None and not args.reference:
         raise ConfigError("--metrics needs --reference DIR with the HR images", "--reference")
-    if args.tile is not None and (args.tile < 1 or not 0 <= args.tile_overlap <= args.tile // 2):
-        raise ConfigError(f"--tile-overlap must be between 0 and tile/2, got tile {args.tile}, overlap "
-                          f"{args.tile_overlap}", "--tile-overlap")
+    check_tiling(args)
     inputs = list_images(args.input)
     references = _match_references(inputs, args.reference) if args.reference else {}
     device = select_device(args.device)
