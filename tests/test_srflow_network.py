@@ -237,3 +237,13 @@ def test_registry_builds_srflow_from_a_config():
     net = NETWORKS.build({"type": "srflow", **TINY})
     assert isinstance(net, SRFlow)
     assert len(net.levels) == 2 and len(net.levels[0].steps) == 2
+
+
+def test_called_with_one_image_it_samples_like_an_sr_network():
+    hq, lq = _pair()
+    net = _trained_looking(_tiny(), hq, lq)
+    torch.manual_seed(4)
+    a = net(lq)
+    torch.manual_seed(4)
+    assert torch.equal(a, net.sample(lq, 0.9))
+    assert a.shape == hq.shape

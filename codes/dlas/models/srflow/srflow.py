@@ -75,7 +75,8 @@ class SRFlow(nn.Module):
         beyond the value range). ``nll_srflow`` is the SRFlow code's convention for comparing with its logs:
         normalised by H·W only and with the dequantisation term counted per pixel, i.e.
         ``C·(nll - log2 quant) + log2 quant``. Use ``out: {nll: nll}`` and a ``direct`` loss on ``nll``.
-      ``forward(lq=lq, temperature=0.9)`` (no ``hq``) -> ``{"sample": SR image in [0, 1]}``, without gradients.
+      ``forward(lq=lq, temperature=0.9)`` (no ``hq``) -> ``{"sample": SR image in [0, 1]}``, without gradients;
+        ``net(lq)`` (one positional image, as SR networks are called) -> that sample tensor, at 0.9.
       ``sample(lq, temperature)`` is the same for scripts (``dlas-test --temperature``); ``encode``/``reverse``
       give the full latents.
 
@@ -211,15 +212,21 @@ class SRFlow(nn.Module):
         return conditions
 
     # ------------------------------------------------------------------ the two directions
-    def encode(self, hq: torch.Tensor, lq: torch.Tensor,
-               dequantize: bool = True) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(self, hq: torch.Tensor, lq: torch.Tensor, dequantize: bool = True,
+               generator: Optional[torch.Generator] = None,
+               ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         """HR -> latents. Returns ``(latents, logdet, nll_bits_per_dim, nll_srflow)``, the last three per sample.
 
         ``dequantize`` adds U(-0.5, 0.5)/quant noise first (always on for training; the likelihood of exact 8-bit
-        values is degenerate without it). ``latents`` are the split latents of levels 1..L-1, then the final one.
+        values is degenerate without it), drawn from ``generator`` when given. ``latents`` are the split latents
+        of levels 1..L-1, then the final one.
         """
         self._check_sizes(lq, hq)
-        x = hq + (torch.rand_like(hq) - 0.5) / self.quant if dequantize else hq
+        if dequantize:
+            noise = torch.rand(hq.shape, generator=generator, device=hq.device, dtype=hq.dtype)
+            x = hq + (noise - 0.5) / self.quant
+        else:
+            x = hq
         logdet = hq.new_zeros(hq.shape[0])
         latents = []
         for level, cond in zip(self.levels, self.conditions(lq)):
@@ -294,10 +301,16 @@ class SRFlow(nn.Module):
         return sr[:, :, :height, :width].clamp(0, 1)
 
     def forward(self, hq: Optional[torch.Tensor] = None, lq: Optional[torch.Tensor] = None,
-                temperature: float = 0.9) -> dict[str, torch.Tensor]:
-        """``(hq, lq)``: the NLL dict for training; ``lq`` alone: ``{"sample": ...}`` at ``temperature``."""
+                temperature: float = 0.9) -> dict[str, torch.Tensor] | torch.Tensor:
+        """``(hq, lq)``: the NLL dict for training. ``lq=`` alone: ``{"sample": ...}`` at ``temperature``.
+
+        A single positional image is an LR image, as every SR network is called (``net(lq)`` by ``dlas-test`` and
+        the ``sr`` evaluator): it returns the sample tensor itself.
+        """
         if lq is None:
-            raise ValueError("srflow needs lq (forward(hq, lq) to train, forward(lq=lq) to sample)")
+            if hq is None:
+                raise ValueError("srflow needs lq: forward(hq, lq) to train, forward(lq=lq) or net(lq) to sample")
+            return self.sample(hq, temperature)
         if hq is None:
             return {"sample": self.sample(lq, temperature)}
         latents, logdet, nll, nll_srflow = self.encode(hq, lq)
