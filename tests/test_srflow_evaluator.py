@@ -57,7 +57,9 @@ def _build(**options):
 
 def test_reports_nll_and_per_temperature_psnr_and_lr_psnr(tmp_path):
     metrics = _build(temperatures=[0, 0.9])(_ctx(tmp_path, _net(), _items()))
-    assert set(metrics) == {"nll", "nll_srflow", "psnr_t0", "psnr_t0.9", "lr_psnr_t0", "lr_psnr_t0.9"}
+    assert set(metrics) == {"nll", "nll_srflow", "psnr_t0", "psnr_t0.9", "lr_psnr_t0", "lr_psnr_t0.9",
+                            "nonfinite_t0", "nonfinite_t0.9"}
+    assert metrics["nonfinite_t0"] == 0 and metrics["nonfinite_t0.9"] == 0
     assert all(math.isfinite(v) for v in metrics.values())
     assert 0 < metrics["nll"] < 20
     assert metrics["nll_srflow"] == pytest.approx(3 * (metrics["nll"] - 8) + 8, rel=1e-4)
@@ -125,3 +127,12 @@ def test_a_network_that_is_not_srflow_is_a_config_error(tmp_path):
 def test_negative_temperature_is_a_config_error():
     with pytest.raises(ConfigError, match="temperatures"):
         _build(temperatures=[-0.1])
+
+
+def test_a_sample_that_diverges_is_counted_and_does_not_stop_evaluation(tmp_path, caplog):
+    net = _net()
+    with torch.no_grad():
+        net.levels[1].steps[0].coupling.net[-1].bias.fill_(float("inf"))
+    metrics = _build(temperatures=[0.9])(_ctx(tmp_path, net, _items()))
+    assert metrics["nonfinite_t0.9"] == 1.0
+    assert "level 2/2, step 1/2 coupling" in caplog.text

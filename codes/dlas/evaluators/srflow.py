@@ -1,6 +1,7 @@
 """SRFlow validation: likelihood of the HQ images, and quality and LR-consistency of samples at fixed temperatures."""
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -13,7 +14,10 @@ from dlas.errors import ConfigError, DataError
 from dlas.evaluators.base import EvalContext, Evaluator, write_json
 from dlas.inference import save_image, tensor_to_uint8
 from dlas.metrics import psnr
+from dlas.models.srflow.srflow import NonFiniteError
 from dlas.registry import EVALUATORS
+
+log = logging.getLogger(__name__)
 
 Metric = Literal["psnr", "lpips"]
 
@@ -33,6 +37,9 @@ class SRFlowEvaluator(Evaluator):
       ``lr_psnr_t{T}``: PSNR between the sample downscaled by antialiased bicubic (PyTorch's, which follows
         MATLAB's imresize closely, like our datasets' LQ) and the LQ input. SRFlow reaches ~50 dB; a value
         below ~45 dB means samples contradict their LR image.
+      ``nonfinite_t{T}``: the fraction of images whose sample hit NaN/Inf in the reverse pass (a known SRFlow
+        failure, see the network's ``reverse_clamp``). Such samples are left out of the means above and logged
+        with the layer where it happened, so one bad image cannot stop a training run.
     Every random draw (dequantisation noise, latents) comes from a generator seeded by ``seed`` and the image
     index, so the numbers are reproducible and training's random stream is left untouched. The flow runs in
     fp32 whatever the run's precision (its log-determinants and inverses need it).
@@ -97,6 +104,7 @@ class SRFlowEvaluator(Evaluator):
             directions[f"lr_psnr_t{t:g}"] = True
             if "lpips" in self.metrics:
                 directions[f"lpips_t{t:g}"] = False
+            directions[f"nonfinite_t{t:g}"] = False
         self.higher_is_better = directions
 
     def _flow(self, ctx: EvalContext) -> torch.nn.Module:
@@ -143,6 +151,7 @@ class SRFlowEvaluator(Evaluator):
         count = len(data) if self.max_images is None else min(len(data), self.max_images)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         sums: dict[str, float] = defaultdict(float)
+        counts: dict[str, int] = defaultdict(int)  # sample metrics count only the samples that stayed finite
         per_image, done = {}, 0
         for index in ctx.shard(count):
             item = data[index]
@@ -152,9 +161,13 @@ class SRFlowEvaluator(Evaluator):
             values = self._score(flow, hq, lq, generator, ctx, stem)
             for name, value in values.items():
                 sums[name] += value
+                counts[name] += 1
             per_image[stem] = values
             done += 1
-        means = ctx.global_mean({name: sums[name] for name in self.higher_is_better}, done)
+        means = {}
+        for name in self.higher_is_better:
+            total = done if name.startswith(("nll", "nonfinite")) else counts[name]
+            means.update(ctx.global_mean({name: sums[name]}, total))
         suffix = f"_rank{ctx.rank}" if ctx.world_size > 1 else ""
         write_json(ctx.out_dir / f"per_image{suffix}.json", per_image)
         if ctx.rank == 0:
@@ -168,7 +181,13 @@ class SRFlowEvaluator(Evaluator):
         values = {"nll": nll.item(), "nll_srflow": nll_srflow.item()}
         hq_image, lq_image = tensor_to_uint8(hq[0]), tensor_to_uint8(lq[0])
         for t in self.temperatures:
-            sr = flow.sample(lq, temperature=t, generator=generator)
+            try:
+                sr = flow.sample(lq, temperature=t, generator=generator)
+            except NonFiniteError as exc:
+                log.warning("srflow evaluator: %s at temperature %g: %s", stem, t, exc)
+                values[f"nonfinite_t{t:g}"] = 1.0
+                continue
+            values[f"nonfinite_t{t:g}"] = 0.0
             sr_image = tensor_to_uint8(sr[0])
             values[f"psnr_t{t:g}"] = psnr(sr_image, hq_image, self.crop_border, self.y_channel)
             # Downscale the quantised sample, as a saved PNG would be, with the datasets' LQ degradation.
