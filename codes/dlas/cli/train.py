@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
 import sys
 import time
@@ -100,11 +101,12 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg["path"]["root"]) / cfg["name"]
     from dlas.logging.console import setup_logging
 
-    if rank == 0:
-        _prepare_run_dir(run_dir, dump_config(cfg), fresh=args.fresh)
+    notes = _prepare_run_dir(run_dir, dump_config(cfg), fresh=args.fresh) if rank == 0 else []
     log = setup_logging(run_dir, rank)
     log.info("run folder %s (config %s%s)", run_dir, args.opt,
              f", overrides: {' '.join(args.overrides)}" if args.overrides else "")
+    for level, message in notes:
+        log.log(level, message)
     try:
         trainer.train(cfg, run_dir)
     except ConfigError as exc:
@@ -124,15 +126,14 @@ def _trainer() -> Any:
         raise
 
 
-def _prepare_run_dir(run_dir: Path, config_text: str, fresh: bool) -> None:
+def _prepare_run_dir(run_dir: Path, config_text: str, fresh: bool) -> list[tuple[int, str]]:
     """Create the run folder (renaming an old one aside with ``fresh``) and write the resolved ``config.yml``.
 
-    Only rank 0 calls this. The other ranks reach the run folder through the trainer, whose process-group
-    rendezvous waits for rank 0, so they never see the old folder after a ``--fresh`` rename.
+    Returns the (level, message) notes to log once logging writes into the folder. Only rank 0 calls this;
+    the other ranks reach the run folder through the trainer, whose process-group rendezvous waits for rank 0,
+    so they never see the old folder after a ``--fresh`` rename.
     """
-    import logging
-
-    log = logging.getLogger("dlas")
+    notes = []
     if fresh and run_dir.exists():
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
@@ -141,15 +142,17 @@ def _prepare_run_dir(run_dir: Path, config_text: str, fresh: bool) -> None:
             aside = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{suffix}")
             suffix += 1
         run_dir.rename(aside)
-        log.info("--fresh: moved the previous run folder to %s", aside)
+        notes.append((logging.INFO, f"--fresh: moved the previous run folder to {aside}"))
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yml"
     if config_file.is_file() and config_file.read_text(encoding="utf-8") != config_text:
         # Resuming with a changed config is allowed (e.g. a longer niter), but it must not go unnoticed.
         previous = run_dir / "config.previous.yml"
         config_file.replace(previous)
-        log.warning("the config differs from the one this run started with; the old one is kept as %s", previous)
+        notes.append((logging.WARNING, "the config differs from the one this run was started with; "
+                                       f"the old one is kept as {previous}"))
     config_file.write_text(config_text, encoding="utf-8")
+    return notes
 
 
 # ---------------------------------------------------------------------- --list / --describe

@@ -13,9 +13,10 @@ from dlas.errors import ConfigError, Problem
 def display_name(file: Path) -> str:
     """The name a file is shown under in messages: relative to the working folder when it is below it."""
     try:
-        return os.path.relpath(file)
+        relative = os.path.relpath(file)
     except ValueError:  # another drive on Windows
         return str(file)
+    return str(file) if relative.startswith("..") else relative
 
 
 def load_with_bases(file: Path) -> tuple[dict, dict[str, Location], list[str]]:
