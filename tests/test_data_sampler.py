@@ -94,9 +94,15 @@ def test_without_drop_last_ranks_get_equal_shares_by_wrapping():
     assert [i for _, i in shares[0]] == [0, 2, 4] and [i for _, i in shares[1]] == [1, 3, 0]
 
 
-def test_dataset_smaller_than_a_batch_is_a_config_error():
-    with pytest.raises(ConfigError, match="batch"):
-        ResumableSampler(3, shuffle=True, seed=0, world_size=2, batch_size=2)
+def test_dataset_smaller_than_a_batch_lets_batches_span_epochs():
+    loader = build_loader(RandomVectors(3), batch_size=4, seed=0)
+    first_batch = next(iter(loader))["index"].tolist()
+    assert sorted(first_batch[:3]) == [0, 1, 2] and len(first_batch) == 4
+
+
+def test_dataset_smaller_than_the_number_of_ranks_is_a_config_error():
+    with pytest.raises(ConfigError, match="ranks"):
+        ResumableSampler(1, shuffle=True, seed=0, rank=0, world_size=2)
 
 
 def test_resumed_loader_with_workers_continues_with_the_next_batch():

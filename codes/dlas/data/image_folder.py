@@ -8,7 +8,7 @@ import numpy as np
 from dlas.data.base import BadImage, SeededDataset
 from dlas.data.degradations import DegradationPipeline
 from dlas.data.file_index import resolve_image_paths
-from dlas.data.image_file import UnreadableImage, read_image
+from dlas.data.image_file import UnreadableImage, decode_image, to_rgb_float
 from dlas.data.transforms import flip_rotate, random_crop, to_tensor
 from dlas.errors import ConfigError
 from dlas.registry import DATASETS
@@ -39,6 +39,8 @@ class ImageFolderDataset(SeededDataset):
     cache_index: cache folder listings, so restarting on 100k files is instant (default true).
     """
 
+    keys = ("lq", "hq", "path")  # the state keys of every item (the trainer checks its graph against them)
+
     def __init__(self, paths: list[str], target_size: int = 128, scale: int = 4, use_flip: bool = True,
                  use_rot: bool = True, degradations: Union[None, str, list[dict]] = None,
                  quantize_lq: bool = True, on_bad_image: Literal["skip", "error"] = "skip",
@@ -64,15 +66,16 @@ class ImageFolderDataset(SeededDataset):
     def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         path = self.files[index]
         try:
-            image = read_image(path)
+            image = decode_image(path)
         except UnreadableImage as exc:
             raise BadImage(path, str(exc)) from exc
         height, width = image.shape[:2]
         if height < self.target_size or width < self.target_size:
             raise BadImage(path, f"{width}x{height} is smaller than target_size {self.target_size}")
+        # Crop before converting to float: converting a whole 2K photo costs more than decoding it.
         hq = random_crop(image, self.target_size, rng)
         (hq,) = flip_rotate([hq], rng, self.use_flip, self.use_rot)
-        hq = np.ascontiguousarray(hq)
+        hq = to_rgb_float(hq)
         lq_side = self.target_size // self.scale
         lq = self.degrade(hq, (lq_side, lq_side), rng)
         return {"lq": to_tensor(lq), "hq": to_tensor(hq), "path": path}

@@ -8,7 +8,7 @@ import numpy as np
 
 from dlas.data.base import BadImage, SeededDataset
 from dlas.data.file_index import resolve_image_paths
-from dlas.data.image_file import UnreadableImage, read_image
+from dlas.data.image_file import UnreadableImage, decode_image, to_rgb_float
 from dlas.data.transforms import flip_rotate, paired_random_crop, to_tensor
 from dlas.errors import ConfigError, DataError
 from dlas.registry import DATASETS
@@ -35,6 +35,8 @@ class PairedFolderDataset(SeededDataset):
     on_bad_image: ``skip`` (default) or ``error`` for unreadable or too-small images (see ``image_folder``).
     cache_index: cache folder listings (default true).
     """
+
+    keys = ("lq", "hq", "path", "lq_path")  # every item's state keys (the trainer checks its graph with them)
 
     def __init__(self, lq_path: Union[str, list[str]], hq_path: Union[str, list[str]], scale: int = 4,
                  target_size: Optional[int] = 128, use_flip: bool = True, use_rot: bool = True,
@@ -71,12 +73,13 @@ class PairedFolderDataset(SeededDataset):
                 raise BadImage(lq_file, f"{lq.shape[1]}x{lq.shape[0]} is smaller than the LQ crop {lq_side}")
             lq, hq = paired_random_crop(lq, hq, lq_side, self.scale, rng)
             lq, hq = flip_rotate([lq, hq], rng, self.use_flip, self.use_rot)
-        return {"lq": to_tensor(lq), "hq": to_tensor(hq), "path": hq_file, "lq_path": lq_file}
+        return {"lq": to_tensor(to_rgb_float(lq)), "hq": to_tensor(to_rgb_float(hq)), "path": hq_file,
+                "lq_path": lq_file}
 
 
 def _read(path: str) -> np.ndarray:
     try:
-        return read_image(path)
+        return decode_image(path)  # converted to float after cropping
     except UnreadableImage as exc:
         raise BadImage(path, str(exc)) from exc
 

@@ -37,7 +37,8 @@ class ResumableSampler(Sampler):
     drop_last: each epoch, drop the tail that does not fill a whole batch on every rank (training); otherwise
         the permutation is extended from its start so every rank gets the same number of samples.
     batch_size: the per-rank batch; with ``drop_last`` each rank's epoch share is a multiple of it, so a batch
-        never straddles two epochs.
+        never straddles two epochs, except when the dataset holds less than one global batch: then each
+        epoch gives every rank ``length // world_size`` samples and batches run on into the next epoch.
     epochs: stop after this many epochs (``None``: never); validation uses 1, and each iteration of a bounded
         sampler makes the same pass again.
     """
@@ -54,13 +55,16 @@ class ResumableSampler(Sampler):
         self.drop_last = drop_last
         self.batch_size = batch_size
         self.epochs = epochs
-        if drop_last:
+        if length < world_size:
+            raise ConfigError(f"the dataset has {length} items, fewer than the {world_size} ranks; add data",
+                              "batch_size")
+        if not drop_last:
+            self.samples_per_epoch = -(-length // world_size)  # ceil
+        elif length >= world_size * batch_size:
             self.samples_per_epoch = length // (world_size * batch_size) * batch_size
         else:
-            self.samples_per_epoch = -(-length // world_size)  # ceil
-        if self.samples_per_epoch == 0:
-            raise ConfigError(f"the dataset has {length} items, fewer than one batch on each of {world_size} "
-                              f"rank(s) ({batch_size} per rank); add data or lower batch_size", "batch_size")
+            # Fewer items than one global batch (a handful of example photos): batches span epochs.
+            self.samples_per_epoch = length // world_size
         self.epoch = 0
         self.position = 0  # samples of the current epoch already handed out by this rank
         self._start = (0, 0)  # where a bounded sampler (re)starts each pass

@@ -34,6 +34,8 @@ class SingleImageDataset(SeededDataset):
     cache_index: cache folder listings (default true).
     """
 
+    keys = ("lq", "hq", "path")  # the state keys of every item (the trainer checks its graph against them)
+
     def __init__(self, paths: list[str], scale: int = 4, force_multiple: Union[bool, int] = True,
                  degradations: Union[None, str, list[dict]] = None, quantize_lq: bool = True,
                  on_bad_image: Literal["skip", "error"] = "skip", cache_index: bool = True):
