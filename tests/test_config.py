@@ -47,9 +47,9 @@ def test_every_key_and_list_item_has_its_line(tmp_path):
 
 
 def test_yaml_merge_key_may_be_overridden_without_a_duplicate_error(tmp_path):
-    file = write(tmp_path, "c.yml", "base_opt: &opt {lr: 1, wd: 0}\nopt: {<<: *opt, lr: 2}\n")
+    file = write(tmp_path, "c.yml", "base_opt: &opt {lr: 1, wd: 0}\nopt: &o {<<: *opt, lr: 2}\nagain: *o\n")
     data, _ = read_yaml(file, "c.yml")
-    assert data["opt"] == {"lr": 2, "wd": 0}
+    assert data["opt"] == data["again"] == {"lr": 2, "wd": 0}
 
 
 def test_duplicate_key_is_an_error_naming_both_lines(tmp_path):

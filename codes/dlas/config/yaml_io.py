@@ -123,6 +123,7 @@ class _Builder:
         self.display = display
         self.locations: dict[str, Location] = {}
         self.problems: list[Problem] = []
+        self._own_keys: dict[int, set[int]] = {}
 
     def _here(self, node: yaml.Node) -> Location:
         return Location(self.display, node.start_mark.line + 1)
@@ -152,7 +153,9 @@ class _Builder:
         return self.build(node, path)
 
     def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict:
-        own_keys = {id(key_node) for key_node, _ in node.value}
+        # An aliased mapping is visited once per alias, but flattened only on the first visit: remember which
+        # keys were written in it rather than merged in.
+        own_keys = self._own_keys.setdefault(id(node), {id(key_node) for key_node, _ in node.value})
         self.loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys, putting merged keys first
         result: dict = Replace() if node.tag == REPLACE_TAG else {}
         first_line: dict[Key, int] = {}
