@@ -238,6 +238,11 @@ def test_perceptual_missing_weights_name_the_file_place_and_url(tmp_path, monkey
     assert message.startswith("weights_path")
 
 
+def test_perceptual_missing_weights_path_names_the_given_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"weights_path.*nowhere/vgg19.pth.*download"):
+        LOSSES.build({"type": "perceptual", "weights_path": str(tmp_path / "nowhere" / "vgg19.pth")})
+
+
 def test_perceptual_unknown_layer_suggests_a_name():
     with pytest.raises(ConfigError, match="did you mean 'conv5_4'"):
         LOSSES.build({"type": "perceptual", "layers": {"conv5_5": 1.0}, "weights_path": "random"})

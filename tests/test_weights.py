@@ -243,3 +243,18 @@ def test_convert_weights_script_exits_2_on_a_mismatch(tmp_path):
     assert result.returncode == 2
     assert "missing" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_x2_models_unshuffle_pixels_in_real_esrgan_channel_order():
+    def basicsr_pixel_unshuffle(x, scale):  # Real-ESRGAN's formula, which its x2 weights were trained with
+        b, c, h, w = x.shape
+        x = x.view(b, c, h // scale, scale, w // scale, scale)
+        return x.permute(0, 1, 3, 5, 2, 4).reshape(b, c * scale * scale, h // scale, w // scale)
+
+    torch.manual_seed(0)
+    x2 = NETWORKS.build({"type": "rrdbnet", "nf": 8, "nb": 1, "gc": 4, "scale": 2}).eval()
+    plain = NETWORKS.build({"type": "rrdbnet", "in_nc": 12, "nf": 8, "nb": 1, "gc": 4, "scale": 4}).eval()
+    plain.load_state_dict(x2.state_dict())
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(x2(x), plain(basicsr_pixel_unshuffle(x, 2)))
