@@ -33,7 +33,7 @@ class SRFlowEvaluator(Evaluator):
       ``psnr_t{T}`` for each temperature T (``psnr_t0``, ``psnr_t0.9``): PSNR of a sample against the HQ image.
         T = 0 is the deterministic "mean" image (highest PSNR); the paper reports T = 0.9 (27.09 dB on DIV2K x4
         val, RGB, no crop) where samples are sharp and diverse.
-      ``lpips_t{T}`` when ``lpips`` is in ``metrics`` (AlexNet LPIPS; the paper: 0.120 at T = 0.9).
+      ``lpips_t{T}`` when ``lpips`` is in ``metrics`` (AlexNet LPIPS, as the paper).
       ``lr_psnr_t{T}``: PSNR between the sample downscaled by antialiased bicubic (PyTorch's, which follows
         MATLAB's imresize closely, like our datasets' LQ) and the LQ input. SRFlow reaches ~50 dB; a value
         below ~45 dB means samples contradict their LR image.

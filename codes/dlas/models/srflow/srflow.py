@@ -163,7 +163,8 @@ class SRFlow(nn.Module):
             self.encoder_trainable = trainable
 
     def debug_info(self) -> dict[str, torch.Tensor]:
-        """The last training batch's NLL split into its flow log-det and prior terms (bits/dim, lower is better)."""
+        """The last training batch's NLL split into its flow log-det and prior terms (bits/dim), and its NLL in the
+        SRFlow paper's convention (``nll_srflow``)."""
         return dict(self._last_stats)
 
     # ------------------------------------------------------------------ shapes and conditioning
@@ -246,7 +247,8 @@ class SRFlow(nn.Module):
         if self.training:
             dims = math.log(2) * channels * height * width
             self._last_stats = {"logdet_bits_per_dim": (-logdet / dims).mean().detach(),
-                                "prior_bits_per_dim": (-log_prior / dims).mean().detach()}
+                                "prior_bits_per_dim": (-log_prior / dims).mean().detach(),
+                                "nll_srflow": nll_srflow.mean().detach()}
         return latents, logdet, nll, nll_srflow
 
     def reverse(self, lq: torch.Tensor, latents: list[torch.Tensor]) -> torch.Tensor:
