@@ -261,3 +261,10 @@ def test_attach_lines_locates_later_problems_by_dotted_path():
 def test_missing_config_file_is_a_config_error():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("no/such/config.yml")
+
+
+def test_override_may_set_pretrained_weights_of_a_defined_network_only():
+    cfg = load_config(str(TINY), ["path.pretrain_model_generator=weights/g.safetensors"])
+    assert cfg["path"]["pretrain_model_generator"] == "weights/g.safetensors"
+    with pytest.raises(ConfigError, match="did you mean 'pretrain_model_generator'"):
+        load_config(str(TINY), ["path.pretrain_model_generatr=weights/g.safetensors"])

@@ -17,7 +17,7 @@ from dlas.errors import ConfigError, Problem, did_you_mean
 # A problem in an override belongs to the command line, not to a file line.
 COMMAND_LINE = "command line"
 
-KnownKeys = Callable[[KeyPath, dict], Iterable[str]]
+KnownKeys = Callable[[KeyPath, dict, dict], Iterable[str]]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def apply_overrides(data: dict, overrides: Iterable[str], source: Optional[Confi
                     known_keys: Optional[KnownKeys] = None) -> dict:
     """Apply ``overrides`` to ``data`` in place (and return it); report every bad one at once.
 
-    ``known_keys(parent_path, parent)`` lists keys that may be set although absent from the file (schema
+    ``known_keys(parent_path, parent, data)`` lists keys that may be set although absent from the file (schema
     defaults, constructor options); ``source``, when given, records that the overridden paths came from here.
     """
     problems: list[Problem] = []
@@ -104,7 +104,7 @@ def _apply(data: dict, override: Override, known_keys: Optional[KnownKeys]) -> K
         if isinstance(key, int) and key not in node and str(key) in node:
             key = str(key)
         if key not in node:
-            known = list(known_keys(done, node)) if known_keys else []
+            known = list(known_keys(done, node, data)) if known_keys else []
             if not override.create and key not in known:
                 hint = did_you_mean(str(key), [str(k) for k in node] + known)
                 raise ConfigError([_problem(override.text, format_path(done + (key,)),

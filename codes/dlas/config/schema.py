@@ -417,11 +417,11 @@ def _check_references(cfg: dict, checker: Checker) -> None:
                 expect_network(key[len("pretrain_model_"):], ("path", key))
 
 
-def known_keys(path: KeyPath, node: Any) -> list[str]:
-    """Keys the schema (or a component's constructor) accepts in the mapping ``node`` at ``path``.
+def known_keys(path: KeyPath, node: Any, root: Any = None) -> list[str]:
+    """Keys the schema (or a component's constructor) accepts in the mapping ``node`` at ``path`` of ``root``.
 
-    Overrides may set these even when the file does not: ``train.mega_batch_factor=2`` or
-    ``networks.generator.nb=2`` where the file relies on the default.
+    Overrides may set these even when the file does not: ``train.mega_batch_factor=2``,
+    ``networks.generator.nb=2`` where the file relies on the default, or ``path.pretrain_model_generator=…``.
     """
     hint: Any = ConfigSchema
     for key in path:
@@ -438,7 +438,11 @@ def known_keys(path: KeyPath, node: Any) -> list[str]:
             return []
     hint = _section_hint(hint)
     if dataclasses.is_dataclass(hint):
-        return [yaml_name(f.name) for f in dataclasses.fields(hint)]
+        keys = [yaml_name(f.name) for f in dataclasses.fields(hint)]
+        networks = root.get("networks") if isinstance(root, dict) else None
+        if hint is PathSection and isinstance(networks, dict):
+            keys += [f"pretrain_model_{name}" for name in networks]
+        return keys
     if typing.get_origin(hint) is Annotated and isinstance(node, dict):
         spec = next(a for a in typing.get_args(hint)[1:] if isinstance(a, Component))
         keys = [yaml_name(f.name) for f in dataclasses.fields(spec.keys)] if spec.keys else []
