@@ -258,3 +258,18 @@ def test_x2_models_unshuffle_pixels_in_real_esrgan_channel_order():
     x = torch.rand(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(x2(x), plain(basicsr_pixel_unshuffle(x, 2)))
+
+
+def test_old_layout_at_x8_maps_the_third_upsampling_conv():
+    torch.manual_seed(0)
+    net = NETWORKS.build({"type": "rrdbnet", "nf": 8, "nb": 1, "gc": 4, "scale": 8})
+    ours = net.state_dict()
+    old = {"model.0.weight": ours["conv_first.weight"], "model.1.sub.1.weight": ours["conv_body.weight"],
+           "model.3.weight": ours["conv_up1.weight"], "model.6.weight": ours["conv_up2.weight"],
+           "model.9.weight": ours["conv_up3.weight"], "model.11.weight": ours["conv_hr.weight"],
+           "model.13.weight": ours["conv_last.weight"],
+           "model.1.sub.0.RDB2.conv4.0.bias": ours["body.0.rdb2.conv4.bias"]}
+    converted = net.convert_state_dict(old)
+    assert set(converted) == {"conv_first.weight", "conv_body.weight", "conv_up1.weight", "conv_up2.weight",
+                              "conv_up3.weight", "conv_hr.weight", "conv_last.weight", "body.0.rdb2.conv4.bias"}
+    assert all(converted[k] is ours[k] for k in converted)

@@ -167,7 +167,6 @@ def load_network_weights(net: nn.Module, path: PathLike, strict: bool = True) ->
     report.mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
                          if k in own and tuple(v.shape) != tuple(own[k].shape)]
     if strict and not report.complete:
-        report.loaded = 0
         raise DataError(f"weights do not fit {type(net).__name__}: {report.summary()}; fix the network options to "
                         "match the file, or load non-strictly (strict_load: false) to take what fits", str(path))
     skip = {k for k, _, _ in report.mismatched}
