@@ -31,10 +31,10 @@ def _tiny(**overrides) -> SRFlow:
     return SRFlow(**{**TINY, **overrides})
 
 
-def _pair(batch: int = 2, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair(batch: int = 2, size: int = 16, seed: int = 0, scale: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     hq = torch.rand(batch, 3, size, size, generator=g)
-    return hq, F.interpolate(hq, scale_factor=0.25, mode="area")
+    return hq, F.interpolate(hq, scale_factor=1 / scale, mode="area")
 
 
 def _trained_looking(net: SRFlow, hq: torch.Tensor, lq: torch.Tensor) -> SRFlow:
@@ -48,10 +48,11 @@ def _trained_looking(net: SRFlow, hq: torch.Tensor, lq: torch.Tensor) -> SRFlow:
     return net.eval()
 
 
-@pytest.mark.parametrize("options", [{}, {"L": 3}, {"lu_decomposed": True}, {"conditional_split_prior": True}],
-                         ids=["L2", "L3", "lu", "conditional_split"])
+@pytest.mark.parametrize("options", [{}, {"L": 3}, {"lu_decomposed": True}, {"conditional_split_prior": True},
+                                     {"scale": 2}, {"scale": 8, "L": 3}],
+                         ids=["L2", "L3", "lu", "conditional_split", "x2", "x8"])
 def test_reverse_of_encode_reproduces_hq(options):
-    hq, lq = _pair()
+    hq, lq = _pair(scale=options.get("scale", 4))
     net = _trained_looking(_tiny(**options), hq, lq)
     with torch.no_grad():
         latents, _, _, _ = net.encode(hq, lq, dequantize=False)

@@ -93,7 +93,7 @@ class SRFlow(nn.Module):
       lu_decomposed: LU-parametrised 1x1 convolutions (cheaper log-det, never singular); SRFlow used plain ones.
       conditional_split_prior: condition the split priors on the encoder features too (the paper's do not).
       quant: dequantisation noise U(-0.5, 0.5)/quant is added to HR images in [0, 1]; 256 for 8-bit data
-        (SRFlow's own configs used 32, a coarser noise that makes the NLL easier but the density blurrier).
+        (SRFlow's own configs used 32: coarser noise, and NLL numbers not comparable with 256).
       pretrained_encoder: RRDB generator weights (e.g. from ``options/esrgan_psnr_x4.yml``; BasicSR/ESRGAN files
         work) to start the encoder from. Without it the encoder starts from scratch (a warning is logged).
       train_encoder_after: the encoder is frozen (no gradients, run under no_grad to save memory) for the first N
