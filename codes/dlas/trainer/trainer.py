@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
@@ -248,9 +249,12 @@ class ExtensibleTrainer:
                 log.warning("step %d: non-finite %s in step '%s'; update skipped (%d in a row)", it,
                             ", ".join(bad) or "gradient", step.name, self.bad_steps)
         self._restore_grads()
-        for step in self.steps:  # schedulers count iterations, so milestones are global step numbers
-            if step.scheduler is not None:
-                step.scheduler.step()
+        with warnings.catch_warnings():
+            # a gated-off step's scheduler advances before its optimizer ever stepped; that is intended here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            for step in self.steps:  # schedulers count iterations, so milestones are global step numbers
+                if step.scheduler is not None:
+                    step.scheduler.step()
         for name, value in ctx.scalars.items():
             logs[f"debug/{name}"] = torch.as_tensor(value).detach().float()
         self.step = it

@@ -1,0 +1,245 @@
+"""The train loop: data → steps → logs → visuals → validation → checkpoints, until ``train.niter``.
+
+Read top to bottom: :meth:`TrainLoop.run` is the whole loop; each other method does one thing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import torch
+
+from dlas.trainer import checkpoint as ckpt
+from dlas.trainer.trainer import ExtensibleTrainer
+
+log = logging.getLogger("dlas")
+
+HIGHER_IS_BETTER = ("psnr", "ssim", "accuracy")
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from, in a form ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class TrainLoop:
+    """Runs an :class:`ExtensibleTrainer` over the train loader with logging, validation and checkpoints."""
+
+    def __init__(self, cfg: Mapping[str, Any], run_dir: Path, trainer: ExtensibleTrainer, make_loader,
+                 evaluate=None, dist=None):
+        self.cfg, self.run_dir, self.trainer = cfg, Path(run_dir), trainer
+        self.make_loader = make_loader  # start_samples -> iterable of batches (resumes mid-epoch)
+        self.evaluate = evaluate  # step -> {metric: value}, or None without validation
+        self.dist = dist
+        self.is_main = dist is None or dist.rank == 0
+        self.train_cfg, self.log_cfg = cfg["train"], cfg["logger"]
+        self.batch_size = cfg["datasets"]["train"].get("batch_size", 1)
+        self.stop_requested = False
+        self.best = ckpt.read_best(self.run_dir)
+        self.writer = None
+        if self.is_main and self.log_cfg.get("tensorboard", True):
+            from dlas.logging.tensorboard import TensorboardWriter
+            self.writer = TensorboardWriter(self.run_dir / "tb")
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> None:
+        niter = self.train_cfg["niter"]
+        trainer = self.trainer
+        old_handlers = self._install_signal_handlers()
+        window: dict[str, Any] = {"logs": {}, "n": 0, "data_time": 0.0, "start": time.perf_counter()}
+        progress = self._progress(trainer.step, niter)
+        batches = iter(self.make_loader(trainer.step * self.batch_size))
+        try:
+            while trainer.step < niter and not self.stop_requested:
+                tick = time.perf_counter()
+                batch = next(batches)
+                window["data_time"] += time.perf_counter() - tick
+                logs = trainer.train_step(batch)
+                step = trainer.step
+                self._accumulate(window, logs)
+                progress.update(1)
+                if step % self.log_cfg.get("print_freq", 100) == 0 or step == niter:
+                    self._log_window(window, step, progress)
+                if self.log_cfg.get("visuals") and step % self.log_cfg.get("visual_freq", 500) == 0:
+                    self._write_visuals(step)
+                new_best = False
+                if self.evaluate and self.train_cfg.get("val_freq") and (
+                        step % self.train_cfg["val_freq"] == 0 or step == niter):
+                    new_best = self._validate(step)
+                if trainer.bad_steps >= self.train_cfg.get("max_bad_steps", 10):
+                    self.save(step)
+                    raise TrainingStopped(
+                        f"{trainer.bad_steps} steps in a row had non-finite losses or gradients (see the warnings "
+                        f"above); saved checkpoint {step}. Lower the learning rate, enable grad_clip, or use bf16 "
+                        f"instead of fp16, then resume.")
+                if step % self.log_cfg.get("save_checkpoint_freq", 5000) == 0 or new_best:
+                    self.save(step)
+            if not self._saved(trainer.step):
+                self.save(trainer.step)
+            if self.stop_requested:
+                log.info("stopped by signal at step %d; checkpoint saved, resume by running the same command",
+                         trainer.step)
+            else:
+                log.info("training finished at step %d", trainer.step)
+        finally:
+            progress.close()
+            self._restore_signal_handlers(old_handlers)
+            if self.writer:
+                self.writer.close()
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> dict:
+        def request_stop(signum: int, frame: Any) -> None:
+            if self.stop_requested:  # a second Ctrl-C: the user insists
+                raise KeyboardInterrupt
+            log.info("received %s: finishing the current step, then saving", signal.Signals(signum).name)
+            self.stop_requested = True
+
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, request_stop)
+            except ValueError:  # not the main thread (e.g. a test runner thread): no handlers
+                pass
+        return old
+
+    def _restore_signal_handlers(self, old: dict) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+    # ------------------------------------------------------------------ logging
+    def _progress(self, start: int, total: int):
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=start, disable=not self.is_main, dynamic_ncols=True, unit="it",
+                    desc=self.cfg["name"], leave=True)
+
+    def _accumulate(self, window: dict, logs: Mapping[str, torch.Tensor]) -> None:
+        for key, value in logs.items():
+            window["logs"][key] = window["logs"].get(key, 0) + value
+        window["n"] += 1
+
+    def _log_window(self, window: dict, step: int, progress) -> None:
+        n = max(window["n"], 1)
+        values = {k: float(v) / n for k, v in window["logs"].items()}  # the window's one host sync
+        if self.dist:
+            values = self.dist.average_scalars(values)
+        elapsed = time.perf_counter() - window["start"]
+        values["perf/samples_per_sec"] = n * self.batch_size / max(elapsed, 1e-9)
+        values["perf/data_wait_fraction"] = window["data_time"] / max(elapsed, 1e-9)
+        values["perf/peak_memory_mb"] = peak_memory_mb(self.trainer.device)
+        values["train/bad_steps_total"] = float(self.trainer.bad_total)
+        for step_obj in self.trainer.steps:
+            values[f"lr/{step_obj.name}"] = step_obj.optimizer.param_groups[0]["lr"]
+        for name, net in self.trainer.networks.items():
+            if hasattr(net, "debug_info"):
+                for key, value in net.debug_info().items():
+                    if torch.is_tensor(value) and value.dim() == 4 and self.writer:
+                        self.writer.add_images(f"debug/{name}/{key}", value, step)
+                    else:
+                        values[f"debug/{name}/{key}"] = float(value)
+        if self.is_main:
+            losses = {k: v for k, v in values.items() if "/weighted" not in k and not k.startswith(("perf/", "lr/"))}
+            progress.set_postfix_str(" ".join(f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in
+                                              list(losses.items())[:4]), refresh=False)
+            text = " ".join(f"{k}={v:.4g}" for k, v in values.items() if "/weighted" not in k)
+            log.info("step %d %s", step, text)
+            if self.writer:
+                self.writer.add_scalars(values, step)
+        window.update(logs={}, n=0, data_time=0.0, start=time.perf_counter())
+
+    def _write_visuals(self, step: int) -> None:
+        if not self.is_main:
+            return
+        from dlas.logging.visuals import save_visuals
+
+        state = self.trainer.last_states[0]
+        keys = [k for k in self.log_cfg["visuals"] if isinstance(state.get(k), torch.Tensor)]
+        save_visuals({k: state[k] for k in keys}, self.run_dir / "visuals" / str(step), self.writer, step)
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self, step: int) -> bool:
+        """Run the evaluators; return whether the ``logger.keep_best`` metric improved."""
+        metrics = self.evaluate(step)
+        if not self.is_main or not metrics:
+            return False
+        out = self.run_dir / "val" / str(step)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        log.info("validation at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if self.writer:
+            self.writer.add_scalars({f"val/{k}": v for k, v in metrics.items()}, step)
+        key = self.log_cfg.get("keep_best")
+        if not key or key not in metrics or not math.isfinite(metrics[key]):
+            return False
+        higher = any(word in key.lower() for word in HIGHER_IS_BETTER)
+        value = metrics[key]
+        if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
+            self.best = {"metric": key, "value": value, "step": step}
+            return True
+        return False
+
+    # ------------------------------------------------------------------ checkpoints
+    def _saved(self, step: int) -> bool:
+        return any(s == step for s, _ in ckpt.list_checkpoints(self.run_dir))
+
+    def save(self, step: int) -> None:
+        state = self.trainer.state_dict()
+        state["samples"] = step * self.batch_size
+        state["rng"] = self.dist.gather_rng(rng_state()) if self.dist else {0: rng_state()}
+        if not self.is_main:
+            return
+        folder = ckpt.save_checkpoint(self.run_dir, step, self.trainer.weights(), state)
+        if self.best and self.best["step"] == step:
+            ckpt.write_best(self.run_dir, self.best["metric"], self.best["value"], step)
+        protect = [self.best["step"]] if self.best else []
+        deleted = ckpt.prune_checkpoints(self.run_dir, self.log_cfg.get("keep_checkpoints", 5),
+                                         self.log_cfg.get("keep_every"), protect)
+        log.info("saved checkpoint %s%s", folder, f" (pruned {deleted})" if deleted else "")
+
+
+def restore(trainer: ExtensibleTrainer, folder: Path, rank: int = 0) -> None:
+    """Load a checkpoint folder into ``trainer`` and the process RNGs (the run continues bit-identically)."""
+    state = ckpt.load_state(folder)
+    stems = [p.name[: -len(".safetensors")] for p in Path(folder).glob("*.safetensors")]
+    weights = {stem: ckpt.load_weights(folder, stem) for stem in stems}
+    trainer.load_state_dict(state, weights)
+    rng = state.get("rng", {})
+    if rank in rng:
+        set_rng_state(rng[rank])
+    elif rng:
+        log.warning("the checkpoint has no RNG state for rank %d (different world size?): reseeding", rank)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
