@@ -158,5 +158,8 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: b
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
+    # A loader without its own generator draws its workers' base seed from the global torch RNG each time an
+    # iterator starts, so a resumed run (whose iterator starts later) would drift from an uninterrupted one.
+    generator = torch.Generator().manual_seed(seed * 1000 + rank)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=training, **extra)
+                      pin_memory=pin_memory, drop_last=training, generator=generator, **extra)
