@@ -129,3 +129,14 @@ def test_validation_loader_repeats_the_same_pass_each_time():
     loader = build_loader(RandomVectors(5), batch_size=2, shuffle=False, training=False)
     passes = [torch.cat([batch["x"] for batch in loader]) for _ in range(2)]
     assert passes[0].shape == (5, 3) and torch.equal(passes[0], passes[1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_starting_a_loader_leaves_the_global_torch_generator_alone(workers):
+    # A resumed run starts its loader at another moment than the uninterrupted one; if starting it consumed
+    # global random numbers, everything drawn afterwards (noise injectors, dropout) would differ.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(build_loader(RandomVectors(6), batch_size=2, num_workers=workers, seed=1)))
+    assert torch.equal(torch.rand(3), expected)
