@@ -162,3 +162,32 @@ def _reset_dlas_logger():
         logger.removeHandler(handler)
         handler.close()
 
+
+
+GRAPH_ERROR = """\
+name: graph
+imports: [trainer_components]
+device: cpu
+datasets:
+  train: {type: test_random_pairs, length: 4, size: 8}
+networks:
+  generator: {type: test_conv, nf: 4}
+steps:
+  gen:
+    training: generator
+    optimizer: {type: adam, lr: 1e-3}
+    injectors:
+      g: {type: generator, network: generator, in: lq, out: gen}
+    losses:
+      pix: {type: pix, fake: gne, real: hq}
+train: {niter: 2}
+"""
+
+
+def test_validate_gives_the_trainers_graph_problems_their_lines(tmp_path, capsys):
+    config = tmp_path / "graph.yml"
+    config.write_text(GRAPH_ERROR)
+    assert main(["-opt", str(config), "--validate"]) == 2
+    assert f"error: steps.gen.losses.pix ({config}:15): reads state key 'gne'" in capsys.readouterr().err
+    assert main(["-opt", str(config), "--validate", "steps.gen.losses.pix.fake=gen"]) == 0
+    assert capsys.readouterr().out.startswith(f"config OK: {config}")
