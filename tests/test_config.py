@@ -268,3 +268,8 @@ def test_override_may_set_pretrained_weights_of_a_defined_network_only():
     assert cfg["path"]["pretrain_model_generator"] == "weights/g.safetensors"
     with pytest.raises(ConfigError, match="did you mean 'pretrain_model_generator'"):
         load_config(str(TINY), ["path.pretrain_model_generatr=weights/g.safetensors"])
+
+
+def test_a_float_where_an_integer_belongs_suggests_the_integer():
+    with pytest.raises(ConfigError, match=r"expected integer, got number 400000\.0; write it as the integer 400000"):
+        load_config(str(TINY), ["train.niter=4e5"])

@@ -262,6 +262,8 @@ class Checker:
 
     def _type(self, hint: Any, value: Any, path: KeyPath) -> None:
         error = type_error(value, hint)
+        if error and isinstance(value, float) and value.is_integer() and type_error(int(value), hint) is None:
+            error += f"; write it as the integer {int(value)} (1e5 is a float)"
         if error:
             self.problem(path, error)
 
