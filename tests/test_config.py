@@ -273,3 +273,15 @@ def test_override_may_set_pretrained_weights_of_a_defined_network_only():
 def test_a_float_where_an_integer_belongs_suggests_the_integer():
     with pytest.raises(ConfigError, match=r"expected integer, got number 400000\.0; write it as the integer 400000"):
         load_config(str(TINY), ["train.niter=4e5"])
+
+
+def test_a_relative_py_plugin_is_found_next_to_the_config_file(tmp_path):
+    write(tmp_path, "plugins/local_nets.py",
+          "from dlas.registry import NETWORKS\n\n@NETWORKS.register('config_test_local_net')\n"
+          "class LocalNet:\n    '''A network defined next to its config.'''\n"
+          "    def __init__(self, width: int = 2):\n        self.width = width\n")
+    file = write(tmp_path, "c.yml", f"base: {TINY}\nimports: [config_components, plugins/local_nets.py]\n"
+                                    "networks:\n  generator: !replace {type: config_test_local_net, width: 3}\n")
+    cfg = load_config(str(file))
+    assert cfg["networks"]["generator"]["width"] == 3
+    assert cfg["imports"] == ["config_components", "plugins/local_nets.py"]
