@@ -35,9 +35,21 @@ def tile_origins(length: int, crop: int, step: int, thresh_size: int) -> list[in
     return origins
 
 
+def _is_truncated_jpeg(path: str) -> bool:
+    if not path.lower().endswith((".jpg", ".jpeg")):
+        return False
+    with open(path, "rb") as file:
+        file.seek(max(0, os.path.getsize(path) - 64))
+        tail = file.read().rstrip(b"\x00\r\n ")  # some encoders pad after the marker
+    return not tail.endswith(b"\xff\xd9")
+
+
 def extract(job: tuple[str, str, str, int, int, int, str, int]) -> tuple[str, int, int, str]:
     """Tile one image; returns (file, tiles written, tiles already present, problem or '')."""
     path, output, stem, crop, step, thresh_size, ext, compression = job
+    if _is_truncated_jpeg(path):
+        # OpenCV decodes a truncated JPEG without error (the missing part gray); its tiles would be garbage.
+        return path, 0, 0, "truncated JPEG (no end-of-image marker)"
     image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
     if image is None:
         return path, 0, 0, "unreadable"

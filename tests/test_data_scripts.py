@@ -60,6 +60,17 @@ def test_extract_subimages_resumes_by_skipping_existing_tiles(tmp_path):
     assert again.returncode == 0 and "1 tiles written, 11 already present" in again.stdout
 
 
+def test_extract_subimages_skips_a_truncated_jpeg_and_exits_1(tmp_path):
+    (tmp_path / "in").mkdir()
+    save_rgb(tmp_path / "in" / "good.png", 40, 40)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "in" / "cut.jpg")
+    (tmp_path / "in" / "cut.jpg").write_bytes((tmp_path / "in" / "cut.jpg").read_bytes()[:300])
+    result = run("extract_subimages.py", tmp_path / "in", tmp_path / "out", "--crop", 32, "--step", 32,
+                 "--workers", 1, cwd=tmp_path)
+    assert result.returncode == 1 and "cut.jpg: truncated JPEG" in result.stderr
+    assert all(name.startswith("good_s") for name in os.listdir(tmp_path / "out"))
+
+
 def test_extract_subimages_missing_input_exits_2_with_one_line(tmp_path):
     result = run("extract_subimages.py", tmp_path / "nowhere", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
