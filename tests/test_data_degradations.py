@@ -204,3 +204,27 @@ def test_bad_option_values_are_config_errors(step, path):
 def test_unknown_preset_is_an_error():
     with pytest.raises(ConfigError, match="real_esrgan"):
         DegradationPipeline("realesrgan")
+
+
+def matlab_imresize_matrix(in_length: int, out_length: int) -> np.ndarray:
+    """MATLAB imresize's bicubic (a = -0.5) antialiased weights for shrinking, as a matrix (reference)."""
+    scale = out_length / in_length
+    width = 4 / scale
+    centres = np.arange(1, out_length + 1) / scale + 0.5 * (1 - 1 / scale)
+    taps = np.floor(centres - width / 2)[:, None] + np.arange(int(np.ceil(width)) + 2)[None]
+    distance = np.abs(scale * (centres[:, None] - taps))
+    kernel = np.where(distance <= 1, 1.5 * distance ** 3 - 2.5 * distance ** 2 + 1,
+                      np.where(distance <= 2, -0.5 * distance ** 3 + 2.5 * distance ** 2 - 4 * distance + 2, 0))
+    kernel = kernel / kernel.sum(axis=1, keepdims=True)
+    matrix = np.zeros((out_length, in_length))
+    for row in range(out_length):
+        np.add.at(matrix[row], np.clip(taps[row], 1, in_length).astype(int) - 1, kernel[row])
+    return matrix
+
+
+def test_default_bicubic_matches_matlab_imresize_away_from_the_border():
+    gray = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    lq = degrade(None, np.repeat(gray[:, :, None], 3, axis=2), lq_size=(16, 16))[:, :, 0]
+    matrix = matlab_imresize_matrix(64, 16)
+    reference = matrix @ gray @ matrix.T
+    assert np.abs(lq - reference)[2:-2, 2:-2].max() < 1e-5
