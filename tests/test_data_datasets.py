@@ -338,3 +338,11 @@ def test_on_bad_image_error_raises_a_data_error_naming_the_file(folder_with_bad_
     with pytest.raises(DataError) as error:
         ds[(0, index)]
     assert error.value.problems[0].path.endswith(name)
+
+
+def test_a_folder_of_only_bad_files_stops_with_a_data_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    ds = build({"type": "image_folder", "paths": [str(tmp_path)], "target_size": 32})
+    with pytest.raises(DataError, match="unusable images in a row"):
+        ds[(0, 0)]
