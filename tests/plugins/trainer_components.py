@@ -53,3 +53,18 @@ class RandomPairs(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index = key[1] if isinstance(key, tuple) else key
         return {"lq": self.lq[index], "hq": self.hq[index], "index": index}
+
+
+@NETWORKS.register("test_fails_on_rank")
+class FailsOnRank(TestConv):
+    """A TestConv that raises at ``fail_step`` on rank ``fail_rank`` (distributed failure tests)."""
+
+    def __init__(self, fail_rank: int = 1, fail_step: int = 2):
+        super().__init__()
+        self.fail_rank, self.fail_step = fail_rank, fail_step
+
+    def set_step(self, step: int) -> None:
+        import os
+
+        if step == self.fail_step and int(os.environ.get("RANK", "0")) == self.fail_rank:
+            raise RuntimeError(f"deliberate failure on rank {self.fail_rank} at step {step}")

@@ -178,6 +178,7 @@ class TrainSection:
     val_freq: Optional[int] = _min(1, None)
     max_bad_steps: int = _min(0, 10)
     allow_tf32: bool = False
+    dist_timeout: float = 600.0  # seconds a rank waits for the others before the job fails (DDP)
 
 
 @dataclass

@@ -33,9 +33,23 @@ class Distributed:
         return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=True)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.clone()
+        tensor = tensor.to(self._device()).clone()
         torch_dist.all_reduce(tensor)
         return tensor
+
+    def any_true(self, flag: bool) -> bool:
+        tensor = torch.tensor([1.0 if flag else 0.0], device=self._device())
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MAX)
+        return bool(tensor.item())
+
+    def all_true(self, flag: torch.Tensor) -> torch.Tensor:
+        """``flag`` (a bool tensor) and-ed over ranks, so every rank takes the same skip decision."""
+        tensor = flag.to(self._device(), torch.float32).reshape(1)
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.MIN)
+        return tensor[0] > 0
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", self.local_rank) if self.device_type == "cuda" else torch.device("cpu")
 
     def average_scalars(self, values: Mapping[str, float]) -> dict[str, float]:
         keys = sorted(values)

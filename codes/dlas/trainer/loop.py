@@ -21,20 +21,21 @@ from dlas.trainer.trainer import ExtensibleTrainer
 
 log = logging.getLogger("dlas")
 
-HIGHER_IS_BETTER = ("psnr", "ssim", "accuracy")
-
-
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from, in a form ``torch.load(weights_only=True)`` accepts."""
+    """Every RNG a training step may draw from, as plain lists and numbers.
+
+    Plain values load under ``torch.load(weights_only=True)`` and travel through ``all_gather_object`` (which
+    cannot unpickle tensors), so one format serves checkpoints and DDP alike.
+    """
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
-             "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
 
 
@@ -42,20 +43,23 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 class TrainLoop:
     """Runs an :class:`ExtensibleTrainer` over the train loader with logging, validation and checkpoints."""
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, trainer: ExtensibleTrainer, make_loader,
-                 evaluate=None, dist=None):
+                 evaluate=None, dist=None, higher_is_better=None):
         self.cfg, self.run_dir, self.trainer = cfg, Path(run_dir), trainer
         self.make_loader = make_loader  # start_samples -> iterable of batches (resumes mid-epoch)
-        self.evaluate = evaluate  # step -> {metric: value}, or None without validation
+        self.evaluate = evaluate  # step -> {metric: value} (the same on every rank), or None without validation
+        self.higher_is_better = higher_is_better or (lambda metric: "loss" not in metric)
+        self.last_saved = trainer.step if trainer.step > 0 else -1  # a restored trainer sits on its checkpoint
+        self.last_metrics: dict[str, float] = {}
         self.dist = dist
         self.is_main = dist is None or dist.rank == 0
         self.train_cfg, self.log_cfg = cfg["train"], cfg["logger"]
@@ -82,6 +86,8 @@ class TrainLoop:
                 window["data_time"] += time.perf_counter() - tick
                 logs = trainer.train_step(batch)
                 step = trainer.step
+                if self.dist:  # a signal may reach one rank only; every rank must stop (and save) together
+                    self.stop_requested = self.dist.any_true(self.stop_requested)
                 self._accumulate(window, logs)
                 progress.update(1)
                 if step % self.log_cfg.get("print_freq", 100) == 0 or step == niter:
@@ -100,13 +106,14 @@ class TrainLoop:
                         f"instead of fp16, then resume.")
                 if step % self.log_cfg.get("save_checkpoint_freq", 5000) == 0 or new_best:
                     self.save(step)
-            if not self._saved(trainer.step):
+            if self.last_saved != trainer.step:
                 self.save(trainer.step)
             if self.stop_requested:
                 log.info("stopped by signal at step %d; checkpoint saved, resume by running the same command",
                          trainer.step)
             else:
                 log.info("training finished at step %d", trainer.step)
+                self._summarize()
         finally:
             progress.close()
             self._restore_signal_handlers(old_handlers)
@@ -187,18 +194,19 @@ class TrainLoop:
     def _validate(self, step: int) -> bool:
         """Run the evaluators; return whether the ``logger.keep_best`` metric improved."""
         metrics = self.evaluate(step)
-        if not self.is_main or not metrics:
-            return False
-        out = self.run_dir / "val" / str(step)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        log.info("validation at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if self.writer:
-            self.writer.add_scalars({f"val/{k}": v for k, v in metrics.items()}, step)
+        self.last_metrics = metrics
+        if self.is_main and metrics:
+            out = self.run_dir / "val" / str(step)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            log.info("validation at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if self.writer:
+                self.writer.add_scalars({f"val/{k}": v for k, v in metrics.items()}, step)
+        # every rank has the same metrics, so every rank takes the same decision (saving is collective)
         key = self.log_cfg.get("keep_best")
         if not key or key not in metrics or not math.isfinite(metrics[key]):
             return False
-        higher = any(word in key.lower() for word in HIGHER_IS_BETTER)
+        higher = self.higher_is_better(key)
         value = metrics[key]
         if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
             self.best = {"metric": key, "value": value, "step": step}
@@ -206,13 +214,19 @@ class TrainLoop:
         return False
 
     # ------------------------------------------------------------------ checkpoints
-    def _saved(self, step: int) -> bool:
-        return any(s == step for s, _ in ckpt.list_checkpoints(self.run_dir))
+    def _summarize(self) -> None:
+        """The final validation numbers, each PSNR next to bicubic upscaling's when the evaluator reports it."""
+        for key, value in self.last_metrics.items():
+            baseline = self.last_metrics.get(f"{key}_bicubic")
+            if key.endswith("/psnr") and baseline is not None:
+                log.info("final validation %s: %.2f dB, bicubic upscaling %.2f dB (%+.2f dB)", key, value, baseline,
+                         value - baseline)
 
     def save(self, step: int) -> None:
         state = self.trainer.state_dict()
         state["samples"] = step * self.batch_size
         state["rng"] = self.dist.gather_rng(rng_state()) if self.dist else {0: rng_state()}
+        self.last_saved = step
         if not self.is_main:
             return
         folder = ckpt.save_checkpoint(self.run_dir, step, self.trainer.weights(), state)

@@ -112,7 +112,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> None:
     datasets = build_datasets(cfg)
     if "train" not in datasets:
         raise ConfigError("training needs a 'train' dataset", "datasets.train")
-    trainer = ExtensibleTrainer(cfg, device, wrap=dist.wrap if dist else None)
+    trainer = ExtensibleTrainer(cfg, device, dist=dist)
     trainer.check_graph(dataset_keys(datasets["train"]))
     evaluators = build_evaluators(cfg)
 
@@ -165,7 +165,12 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> None:
                     metrics.update({f"{name}/{k}": float(v) for k, v in evaluator(ctx).items()})
             return metrics
 
-    loop = TrainLoop(cfg, run_dir, trainer, make_loader, evaluate, dist)
+    def higher_is_better(key: str) -> bool:
+        name, _, metric = key.partition("/")
+        evaluator = evaluators.get(name)
+        return evaluator.is_higher_better(metric) if hasattr(evaluator, "is_higher_better") else "loss" not in key
+
+    loop = TrainLoop(cfg, run_dir, trainer, make_loader, evaluate, dist, higher_is_better)
     try:
         loop.run()
     finally:

@@ -70,7 +70,7 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
 class ExtensibleTrainer:
     """Builds networks, steps and EMA from a resolved config and runs training iterations."""
 
-    def __init__(self, cfg: Mapping[str, Any], device: torch.device, wrap: Optional[Callable] = None):
+    def __init__(self, cfg: Mapping[str, Any], device: torch.device, dist: Any = None):
         self.cfg = cfg
         self.device = device
         train = cfg["train"]
@@ -110,9 +110,14 @@ class ExtensibleTrainer:
             if ncfg.get("checkpointing"):
                 enable_checkpointing(net, name)
             self.runners[name] = torch.compile(net) if ncfg.get("compile") else net
-        trained = {n for step in self.steps for n in step.training}
-        if wrap is not None:  # DDP: only networks some step trains are wrapped (and all-reduced)
-            self.runners.update({n: wrap(self.runners[n]) for n in trained})
+        # in config order, never set order: every rank must wrap (and broadcast) the networks in the same order
+        trained = list(dict.fromkeys(n for step in self.steps for n in step.training))
+        self.dist = dist
+        # DDP: only networks some step trains (and that are not frozen) are wrapped and all-reduced, and a step
+        # calls the wrapper only for the networks it trains: the others run as plain modules.
+        self.ddp: dict[str, torch.nn.Module] = {}
+        if dist is not None:
+            self.ddp = {n: dist.wrap(self.runners[n]) for n in trained if self.frozen[n] is not True}
 
         scheduler_default = train.get("lr_scheduler")
         use_scaler = self.precision == "fp16"
@@ -198,8 +203,10 @@ class ExtensibleTrainer:
             p.requires_grad_(True)
         self._disabled = []
 
-    def context(self, step: int, training: bool = True) -> Context:
-        return Context(networks=self.runners, step=step, training=training, device=self.device)
+    def context(self, step: int, training: bool = True, trainable: Iterable[str] = ()) -> Context:
+        networks = dict(self.runners)
+        networks.update({n: self.ddp[n] for n in trainable if n in self.ddp})
+        return Context(networks=networks, step=step, training=training, device=self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = DTYPES[self.precision]
@@ -216,13 +223,14 @@ class ExtensibleTrainer:
             if hasattr(net, "set_step"):
                 net.set_step(it)
         states = split_batch(self.to_device(batch), self.mega_batch_factor)
-        ctx = self.context(it)
         logs: dict[str, torch.Tensor] = {}
+        scalars: dict[str, Any] = {}
         for step in self.steps:
             if not step.gate.active(it):
                 continue
             trainable = {n for n in step.training if not self.is_frozen(n, it)}
             self._set_trainable(trainable)
+            ctx = self.context(it, trainable=trainable)
             step.zero_grad()
             finite = []
             for i, state in enumerate(states):
@@ -236,6 +244,8 @@ class ExtensibleTrainer:
                     if isinstance(value, torch.Tensor) and value.requires_grad:
                         state[key] = value.detach()
             losses_finite = torch.isfinite(torch.stack(finite)).all() if finite else torch.tensor(True)
+            if self.dist is not None:  # a NaN on one rank must skip the update on every rank
+                losses_finite = self.dist.all_true(losses_finite)
             norm, ok = step.optimize(losses_finite)
             logs[f"{step.name}/grad_norm"] = norm.detach()
             if ok:
@@ -248,6 +258,7 @@ class ExtensibleTrainer:
                 bad = [k for k, v in logs.items() if k.startswith(f"{step.name}/") and not torch.isfinite(v).all()]
                 log.warning("step %d: non-finite %s in step '%s'; update skipped (%d in a row)", it,
                             ", ".join(bad) or "gradient", step.name, self.bad_steps)
+            scalars.update(ctx.scalars)
         self._restore_grads()
         with warnings.catch_warnings():
             # a gated-off step's scheduler advances before its optimizer ever stepped; that is intended here
@@ -255,7 +266,7 @@ class ExtensibleTrainer:
             for step in self.steps:  # schedulers count iterations, so milestones are global step numbers
                 if step.scheduler is not None:
                     step.scheduler.step()
-        for name, value in ctx.scalars.items():
+        for name, value in scalars.items():
             logs[f"debug/{name}"] = torch.as_tensor(value).detach().float()
         self.step = it
         self.last_states = states
@@ -266,9 +277,8 @@ class ExtensibleTrainer:
         stack = contextlib.ExitStack()
         if not last:
             for name in trainable:
-                runner = self.runners[name]
-                if hasattr(runner, "no_sync"):
-                    stack.enter_context(runner.no_sync())
+                if name in self.ddp:
+                    stack.enter_context(self.ddp[name].no_sync())
         return stack
 
     # ------------------------------------------------------------------ evaluation helpers
