@@ -114,7 +114,8 @@ def test_resize_scales_by_the_drawn_factor():
 
 def test_resize_relative_to_lq_uses_the_lq_size():
     image = textured_image(64)
-    steps = [{"type": "resize", "scale": 2.0, "relative_to": "lq", "modes": ["bilinear"]}, {"type": "jpeg", "quality": 95}]
+    steps = [{"type": "resize", "scale": 2.0, "relative_to": "lq", "modes": ["bilinear"]},
+             {"type": "jpeg", "quality": 95}]
     pipeline = DegradationPipeline(steps, quantize=False)
     intermediate = pipeline.steps[0][1].apply(image, (16, 16), np.random.default_rng(0))
     assert intermediate.shape == (32, 32, 3)

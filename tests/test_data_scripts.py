@@ -122,7 +122,10 @@ datasets:
     paths: [{tmp_path / 'hq'}]
     target_size: 32
     scale: 4
-    degradations: [{{type: blur, sigma: [0.5, 2]}}, {{type: noise, gaussian: [1, 10]}}, {{type: jpeg, quality: [40, 90]}}]
+    degradations:
+      - {{type: blur, sigma: [0.5, 2]}}
+      - {{type: noise, gaussian: [1, 10]}}
+      - {{type: jpeg, quality: [40, 90]}}
     batch_size: 2
 """)
     return config

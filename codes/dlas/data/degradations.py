@@ -161,7 +161,7 @@ class Blur(Step):
         self.sigma = _span(sigma, f"{path}.sigma", low_bound=1e-3)
         self.anisotropic = _check_prob(anisotropic, f"{path}.anisotropic")
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         size = _odd_size(rng, self.kernel_size)
         if rng.random() < self.anisotropic:
             sigma_x, sigma_y = _uniform(rng, self.sigma), _uniform(rng, self.sigma)
@@ -183,7 +183,7 @@ class MotionBlur(Step):
         self.length = _span(length, f"{path}.length", low_bound=1)
         self.angle = _span(angle, f"{path}.angle")
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         length = int(rng.integers(int(self.length[0]), int(self.length[1]) + 1))
         angle = math.radians(_uniform(rng, self.angle))
         size = length if length % 2 else length + 1
@@ -210,7 +210,7 @@ class Sinc(Step):
         _check_odd_sizes(self.kernel_size, f"{path}.kernel_size")
         self.cutoff = _span(cutoff, f"{path}.cutoff", low_bound=1e-3, high_bound=math.pi + 1e-6)
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         return _filter(image, sinc_kernel(_odd_size(rng, self.kernel_size), _uniform(rng, self.cutoff)))
 
 
@@ -256,7 +256,7 @@ class Resize(Step):
             return _uniform(rng, (self.scale[0], 1.0))
         return 1.0
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         factor = self._factor(rng)
         mode = self.modes[int(rng.integers(len(self.modes)))]
         base = lq_size if self.relative_to == "lq" else image.shape[:2]
@@ -277,7 +277,7 @@ class ResizeToLq(Step):
         self.modes = list(modes)
         self.antialias = antialias
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         mode = self.modes[int(rng.integers(len(self.modes)))]
         return resize_image(image, lq_size[0], lq_size[1], mode, self.antialias)
 
@@ -299,7 +299,7 @@ class Noise(Step):
         self.poisson_scale = _span(poisson_scale, f"{path}.poisson_scale", low_bound=0)
         self.gray = _check_prob(gray, f"{path}.gray")
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         use_poisson = rng.random() < self.poisson
         gray = rng.random() < self.gray
         height, width, channels = image.shape
@@ -323,7 +323,7 @@ class Jpeg(Step):
     def __init__(self, quality: IntRange = [30, 95], path: str = "jpeg"):
         self.quality = _span(quality, f"{path}.quality", low_bound=1, high_bound=100)
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         quality = int(rng.integers(int(self.quality[0]), int(self.quality[1]) + 1))
         pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR),
@@ -352,7 +352,7 @@ class ColorJitter(Step):
             raise ConfigError(f"must be within [0, 0.5], got {hue}", f"{path}.hue")
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         b = float(rng.uniform(1 - self.brightness, 1 + self.brightness))
         c = float(rng.uniform(1 - self.contrast, 1 + self.contrast))
         s = float(rng.uniform(1 - self.saturation, 1 + self.saturation))
@@ -377,7 +377,7 @@ class Chain(Step):
     def __init__(self, steps: list[dict], path: str = "chain"):
         self.steps = build_steps(steps, f"{path}.steps")
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         return run_steps(self.steps, image, lq_size, rng)
 
 
@@ -390,7 +390,7 @@ class Shuffle(Step):
     def __init__(self, steps: list[dict], path: str = "shuffle"):
         self.steps = build_steps(steps, f"{path}.steps")
 
-    def apply(self, image, lq_size, rng):
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         order = rng.permutation(len(self.steps))
         return run_steps([self.steps[i] for i in order], image, lq_size, rng)
 

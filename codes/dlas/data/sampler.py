@@ -77,7 +77,8 @@ class ResumableSampler(Sampler):
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's indices of ``epoch``, in order."""
         if self.shuffle:
-            generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+            epoch_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
+            generator = torch.Generator().manual_seed(epoch_seed)
             order = torch.randperm(self.length, generator=generator).tolist()
         else:
             order = list(range(self.length))
