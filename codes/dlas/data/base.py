@@ -121,10 +121,20 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        if multiprocessing.context.get_spawning_popen() is None:
-            # Pickled outside a worker start (deepcopy, saving): a shared counter cannot travel, its value can.
+        if not self._counter_can_travel():
+            # Pickled outside a worker start (deepcopy, saving) or into a worker of another start method:
+            # the shared counter cannot travel, its value can (that worker's finds are then only logged).
             state["_bad_counter"] = self._bad_counter.value
         return state
+
+    def _counter_can_travel(self) -> bool:
+        if multiprocessing.context.get_spawning_popen() is None:
+            return False
+        try:
+            self._bad_counter.get_lock().__getstate__()  # refuses a worker started by another method
+            return True
+        except RuntimeError:
+            return False
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state["_bad_counter"], int):
