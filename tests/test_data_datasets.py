@@ -346,3 +346,13 @@ def test_a_folder_of_only_bad_files_stops_with_a_data_error(tmp_path):
     ds = build({"type": "image_folder", "paths": [str(tmp_path)], "target_size": 32})
     with pytest.raises(DataError, match="unusable images in a row"):
         ds[(0, 0)]
+
+
+def test_a_dataset_survives_pickling_with_its_bad_count(folder_with_bad_files):
+    import pickle
+
+    ds = build({"type": "image_folder", "paths": [str(folder_with_bad_files)], "target_size": 32})
+    for i in range(len(ds)):
+        ds[(0, i)]
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy.bad_count == ds.bad_count == 4 and torch.equal(copy[(0, 1)]["hq"], ds[(0, 1)]["hq"])
