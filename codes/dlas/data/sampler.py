@@ -57,7 +57,7 @@ class ResumableSampler(Sampler):
         self.epochs = epochs
         if length < world_size:
             raise ConfigError(f"the dataset has {length} items, fewer than the {world_size} ranks; add data",
-                              "batch_size")
+                              "dataset")
         if not drop_last:
             self.samples_per_epoch = -(-length // world_size)  # ceil
         elif length >= world_size * batch_size:
