@@ -335,7 +335,8 @@ class Jpeg(Step):
 
 
 class ColorJitter(Step):
-    """Random brightness, contrast, saturation and hue, each drawn as in torchvision's ColorJitter.
+    """Random brightness, contrast, saturation and hue (applied in this order), drawn as in torchvision's
+    ColorJitter.
 
     brightness: multiply by a factor from [1 - b, 1 + b] (default 0: off).
     contrast: blend with the mean gray by a factor from [1 - c, 1 + c] (default 0).
@@ -358,7 +359,8 @@ class ColorJitter(Step):
         s = float(rng.uniform(1 - self.saturation, 1 + self.saturation))
         h = float(rng.uniform(-self.hue, self.hue))
         image = image * b
-        image = (image - _to_gray(image).mean()) * c + _to_gray(image).mean()
+        mean = float(_to_gray(image).mean())
+        image = (image - mean) * c + mean
         gray = _to_gray(image)[:, :, None]
         image = np.clip((image - gray) * s + gray, 0.0, 1.0).astype(np.float32)
         if h:
