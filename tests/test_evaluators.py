@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dlas.errors import ConfigError
+from dlas.errors import ConfigError, DataError
 from dlas.evaluators.base import EvalContext
 from dlas.inference import load_image, tensor_to_uint8
 from dlas.metrics import psnr, ssim
@@ -140,9 +140,30 @@ def test_sr_on_rank_1_of_2_takes_every_other_item_and_reduces_sums(tmp_path):
     assert not (ctx.out_dir / "metrics.json").exists()  # only rank 0 writes the means
 
 
-def test_sr_lpips_is_opt_in_and_lower_is_better():
-    evaluator = build(metrics=["psnr", "lpips"])
-    assert evaluator.is_higher_better("lpips") is False and evaluator.is_higher_better("psnr") is True
+def test_sr_directions_of_its_metrics():
+    evaluator = build()
+    assert evaluator.is_higher_better("psnr") is True and evaluator.is_higher_better("ssim") is True
+    assert evaluator.is_higher_better("lpips") is False and evaluator.is_higher_better("psnr_bicubic") is True
+    with pytest.raises(ConfigError, match="no metric 'fid'"):
+        evaluator.is_higher_better("fid")
+
+
+def test_sr_lpips_without_backbone_weights_fails_when_built(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(DataError, match="alexnet-owt-7be5be79.pth"):
+        build(metrics=["psnr", "lpips"])
+
+
+def test_sr_lpips_scores_outputs_with_local_backbone_weights(tmp_path):
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    file = tmp_path / "alex.pth"
+    torch.save({f"features.{k}": v for k, v in alexnet(weights=None).features.state_dict().items()}, file)
+    data = PairDataset()
+    metrics = build(metrics=["lpips"], lpips_weights=str(file))(context(tmp_path, Oracle(data), data))
+    assert metrics["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert build(metrics=["lpips"], lpips_weights=str(file))(context(tmp_path, Nearest(), data))["lpips"] > 0
 
 
 def test_sr_rejects_an_unknown_metric_naming_the_item():

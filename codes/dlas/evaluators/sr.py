@@ -68,6 +68,10 @@ class SREvaluator(Evaluator):
                               "tile_overlap")
         if max_images is not None and max_images < 1:
             raise ConfigError(f"must be >= 1 or null (all images), got {max_images}", "max_images")
+        if "lpips" in metrics:  # a missing weights file should stop `--validate`, not the first validation hours later
+            from dlas.metrics.lpips import backbone_weights_file
+
+            backbone_weights_file(lpips_net, lpips_weights)
         self.network_name = network
         self.dataset_name = dataset
         self.metrics = list(dict.fromkeys(metrics))
