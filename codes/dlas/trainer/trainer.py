@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -262,7 +263,7 @@ class ExtensibleTrainer:
         self._restore_grads()
         with warnings.catch_warnings():
             # a gated-off step's scheduler advances before its optimizer ever stepped; that is intended here
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             for step in self.steps:  # schedulers count iterations, so milestones are global step numbers
                 if step.scheduler is not None:
                     step.scheduler.step()

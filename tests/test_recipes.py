@@ -1,0 +1,55 @@
+"""Every recipe in options/ validates and trains 3 steps with tiny overrides (small nets, bundled photos)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dlas.cli.train import main
+
+OPTIONS = Path(__file__).resolve().parents[1] / "options"
+RECIPES = sorted(p.name for p in OPTIONS.glob("*.yml"))
+
+DATA = ["datasets.train.paths=['skimage:astronaut,coffee']", "datasets.train.batch_size=2",
+        "datasets.train.num_workers=0", "datasets.val.paths=[skimage:chelsea]"]
+PERCEPTUAL = ["steps.generator.losses.perceptual.weights_path=random"]
+TINY_RRDB = ["networks.generator.nf=8", "networks.generator.nb=1", "networks.generator.gc=4"]
+TINY_D = ["networks.discriminator.nf=8"]
+
+# Per recipe: overrides that make it tiny and switch its gated parts on within 3 steps.
+TINY = {
+    "quickstart_sr.yml": DATA + ["networks.generator.nf=8", "networks.generator.num_conv=2"],
+    "esrgan_psnr_x4.yml": DATA + TINY_RRDB,
+    "esrgan_x4.yml": DATA + TINY_RRDB + TINY_D + PERCEPTUAL + [
+        "steps.discriminator.after=1", "steps.generator.losses.perceptual.after=1",
+        "steps.generator.losses.translational.after=1", "steps.generator.losses.gan.after=1"],
+    "esrgan_reference_x4.yml": DATA + TINY_RRDB + TINY_D + PERCEPTUAL,
+    "srgan_srresnet_x4.yml": DATA + TINY_D + PERCEPTUAL + ["networks.generator.nf=8", "networks.generator.nb=1"],
+    "srflow_x4.yml": ["datasets.train.paths=['skimage:astronaut,coffee']", "datasets.train.batch_size=2",
+                      "datasets.train.num_workers=0", "datasets.train.target_size=32",
+                      "networks.generator.nf=8", "networks.generator.nb=1", "networks.generator.K=1",
+                      "networks.generator.L=2", "networks.generator.hidden_channels=8",
+                      "networks.generator.encoder_blocks=[0]", "networks.generator.train_encoder_after=1",
+                      "datasets.val={type: single_image, paths: ['skimage:chelsea'], scale: 4}",
+                      "eval.srflow.center_crop=32", "eval.srflow.max_images=1"],
+}
+
+
+def test_every_recipe_has_tiny_overrides():
+    assert set(RECIPES) == set(TINY), "add the new recipe to TINY in this test"
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_validates(recipe):
+    overrides = [o for o in TINY[recipe]]
+    assert main(["-opt", str(OPTIONS / recipe), *overrides, "--validate"]) == 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_trains_three_steps(recipe, tmp_path):
+    overrides = TINY[recipe] + ["train.niter=3", "train.val_freq=3", "logger.print_freq=1",
+                                "logger.save_checkpoint_freq=3", f"path.root={tmp_path}"]
+    assert main(["-opt", str(OPTIONS / recipe), *overrides]) == 0
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1
+    assert (runs[0] / "checkpoints" / "3" / "manifest.json").is_file()
