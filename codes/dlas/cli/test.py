@@ -23,6 +23,7 @@ from dlas.errors import ConfigError, DataError, UserError
 
 EXIT_OK, EXIT_USER_ERROR = 0, 2
 DEFAULT_METRICS = ["psnr", "ssim"]
+SCALE_PROBE_SIZE = 64  # LQ pixels: the corner crop the network's scale is measured on
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="score the MATLAB BT.601 luma (default, papers' convention) or RGB")
     parser.add_argument("--crop-border", type=int, help="pixels ignored at each edge when scoring (default: scale)")
     parser.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex", help="LPIPS backbone (default alex)")
+    parser.add_argument("--lpips-weights", metavar="FILE",
+                        help="LPIPS backbone weights (default: torchvision's cache, $TORCH_HOME/hub/checkpoints)")
     parser.add_argument("--temperature", type=float, nargs="+", metavar="T",
                         help="sampling temperature(s) for stochastic networks with sample(lq, temperature); "
                              "several give one grid image per input, left to right")
@@ -144,18 +147,16 @@ def upscale_folder(args: argparse.Namespace) -> int:
     print(f"{loaded.name} from {loaded.weights_file} (step {loaded.step}), {len(inputs)} image(s) -> {args.output}")
     output_dir = Path(args.output)
     scale, scores = None, {}
-    scorer = _Scorer(args.metrics or DEFAULT_METRICS, args.channel == "y", args.crop_border, args.lpips_net, device) \
-        if references else None
+    scorer = _Scorer(args.metrics or DEFAULT_METRICS, args.channel == "y", args.crop_border, args.lpips_net,
+                     args.lpips_weights, device) if references else None
     for path in tqdm(inputs, desc="dlas-test", unit="img", disable=None):
         lq = load_image(path)[None].to(device)
         outputs = []
         with torch.no_grad(), autocast():
+            if scale is None:  # measured on a small corner crop: cheap, and tiling needs it before the first tile
+                scale = infer_scale(forwards[0], lq, args.tile or SCALE_PROBE_SIZE)
             for forward in forwards:
-                if scale is None:
-                    scale = infer_scale(forward, lq, args.tile) if args.tile else None
-                output = run_network(forward, lq, scale or 1, args.tile, args.tile_overlap)
-                if scale is None:
-                    scale = output.shape[-1] // lq.shape[-1]
+                output = run_network(forward, lq, scale, args.tile, args.tile_overlap)
                 outputs.append(output.float().clamp(0, 1)[0].cpu())
         save_image(output_dir / f"{path.stem}.png", torch.cat(outputs, dim=-1))
         if scorer:
@@ -174,7 +175,8 @@ def upscale_folder(args: argparse.Namespace) -> int:
 class _Scorer:
     """PSNR/SSIM/LPIPS of one output against its HR file, with the chosen convention."""
 
-    def __init__(self, metrics: list[str], y_channel: bool, crop_border: Optional[int], lpips_net: str, device):
+    def __init__(self, metrics: list[str], y_channel: bool, crop_border: Optional[int], lpips_net: str,
+                 lpips_weights: Optional[str], device):
         self.metrics = list(dict.fromkeys(metrics))
         self.y_channel = y_channel
         self.crop_border = crop_border
@@ -183,7 +185,7 @@ class _Scorer:
         if "lpips" in self.metrics:
             from dlas.metrics import LPIPSMetric
 
-            self.lpips = LPIPSMetric(lpips_net, device=device)
+            self.lpips = LPIPSMetric(lpips_net, lpips_weights, device)
 
     def __call__(self, output, reference_file: Path, scale: int) -> dict[str, float]:
         from dlas.inference import load_image, tensor_to_uint8
