@@ -47,6 +47,39 @@ def test_anisotropic_kernel_is_elongated_along_its_long_axis():
     assert variance_y == pytest.approx(0.49, rel=0.05)
 
 
+def test_plateau_kernel_has_heavier_tails_than_a_gaussian():
+    gaussian = gaussian_kernel(21, 2.0, 2.0, 0.0)
+    plateau = gaussian_kernel(21, 2.0, 2.0, 0.0, shape="plateau", beta=1.0)
+    # Relative weight 3 sigma from the centre: exp(-4.5) ~ 0.011 for the Gaussian, 1/(1+9) = 0.1 for the plateau.
+    assert gaussian[10, 16] / gaussian[10, 10] == pytest.approx(np.exp(-4.5), rel=1e-6)
+    assert plateau[10, 16] / plateau[10, 10] == pytest.approx(0.1, rel=1e-6)
+
+
+def test_generalized_kernel_with_large_beta_has_a_flat_top():
+    gaussian = gaussian_kernel(21, 3.0, 3.0, 0.0)
+    flat = gaussian_kernel(21, 3.0, 3.0, 0.0, shape="generalized", beta=4.0)
+    # 2 px from the centre (squared distance d = 4/9): exp(-d/2) = 0.80 for the Gaussian, exp(-(d^4)/2) = 0.98.
+    assert flat[10, 12] / flat[10, 10] > 0.98 and gaussian[10, 12] / gaussian[10, 10] < 0.81
+
+
+def test_blur_kernel_shape_chances_must_not_exceed_one():
+    with pytest.raises(ConfigError) as error:
+        DegradationPipeline([{"type": "blur", "generalized": 0.6, "plateau": 0.5}])
+    assert error.value.problems[0].path == "degradations[0].plateau"
+
+
+def test_one_of_runs_only_the_chosen_step():
+    image = np.full((64, 64, 3), 0.5, np.float32)
+    steps = [{"type": "one_of", "weights": [0, 1], "steps": [{"type": "noise", "gaussian": 20}, {"type": "jpeg"}]}]
+    assert np.array_equal(degrade(steps, image), np.full((64, 64, 3), 128 / 255, np.float32))
+
+
+def test_one_of_weights_must_match_its_steps():
+    with pytest.raises(ConfigError) as error:
+        DegradationPipeline([{"type": "one_of", "weights": [1], "steps": [{"type": "jpeg"}, {"type": "blur"}]}])
+    assert error.value.problems[0].path == "degradations[0].weights"
+
+
 def test_motion_blur_at_angle_zero_smears_only_horizontally():
     image = np.zeros((31, 31, 3), np.float32)
     image[15, 15] = 1.0
@@ -229,3 +262,27 @@ def test_default_bicubic_matches_matlab_imresize_away_from_the_border():
     matrix = matlab_imresize_matrix(64, 16)
     reference = matrix @ gray @ matrix.T
     assert np.abs(lq - reference)[2:-2, 2:-2].max() < 1e-5
+
+
+def test_real_esrgan_yaml_in_the_docs_is_the_preset():
+    import pathlib
+
+    import yaml
+
+    from dlas.data.degradations import PRESETS
+
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    start = doc.index("```yaml\ndegradations:\n  # first round") + len("```yaml\n")
+    written = yaml.safe_load(doc[start:doc.index("```", start)])["degradations"]
+    DegradationPipeline(written)  # a user can paste it
+
+    def rounded(value):
+        if isinstance(value, float):
+            return round(value, 3)
+        if isinstance(value, list):
+            return [rounded(v) for v in value]
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        return value
+
+    assert rounded(written) == rounded(PRESETS["real_esrgan"])

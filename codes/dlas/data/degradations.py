@@ -8,7 +8,7 @@ per ``(seed, epoch, index)``. Images are float32 HWC RGB in [0, 1] and are clamp
 Step types (details and defaults in each class's docstring and in docs/data.md):
 
 =================  ============================================================================================
-``blur``           Gaussian blur, isotropic or (with chance ``anisotropic``) elliptical at a random angle
+``blur``           Gaussian (or generalized/plateau) blur, isotropic or elliptical at a random angle
 ``motion_blur``    a straight-line blur of random length and angle (camera shake)
 ``sinc``           a circular low-pass (sinc) filter: ringing and overshoot artifacts
 ``resize``         rescale by a random factor with a random interpolation mode (antialiased when shrinking)
@@ -18,6 +18,7 @@ Step types (details and defaults in each class's docstring and in docs/data.md):
 ``resize_to_lq``   resize to the LQ size (HQ size / scale) with a random mode
 ``chain``          a nested list of steps run in order (gives a group one ``prob``)
 ``shuffle``        a nested list of steps run in a random order
+``one_of``         one step of a nested list, chosen with given weights
 =================  ============================================================================================
 
 Whatever the list does, the result is finally brought to the LQ size: if it is not that size after the last
@@ -110,16 +111,28 @@ def resize_image(image: np.ndarray, height: int, width: int, mode: str, antialia
     return out[:, :, None] if out.ndim == 2 else out
 
 
-def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, angle: float) -> np.ndarray:
-    """A normalised ``size`` x ``size`` Gaussian with std ``sigma_x``/``sigma_y`` along axes rotated by ``angle``
-    radians (``sigma_x == sigma_y`` gives the isotropic kernel)."""
+def gaussian_kernel(size: int, sigma_x: float, sigma_y: float, angle: float, shape: str = "gaussian",
+                    beta: float = 1.0) -> np.ndarray:
+    """A normalised ``size`` x ``size`` blur kernel with scales ``sigma_x``/``sigma_y`` along axes rotated by
+    ``angle`` radians (``sigma_x == sigma_y``: isotropic).
+
+    With ``d`` the squared Mahalanobis distance from the centre, ``shape`` is ``gaussian`` (``exp(-d/2)``),
+    ``generalized`` (``exp(-(d^beta)/2)``: flatter top and sharper fall-off for beta > 1, peakier for beta < 1)
+    or ``plateau`` (``1 / (1 + d^beta)``: a flat top with heavy tails), the kernel family of Real-ESRGAN.
+    """
     rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     covariance = rotation @ np.diag([sigma_x ** 2, sigma_y ** 2]) @ rotation.T
     inverse = np.linalg.inv(covariance)
     half = size // 2
     ys, xs = np.mgrid[-half:half + 1, -half:half + 1]
     points = np.stack([xs, ys], axis=-1).astype(np.float64)
-    kernel = np.exp(-0.5 * np.einsum("...i,ij,...j->...", points, inverse, points))
+    distance = np.einsum("...i,ij,...j->...", points, inverse, points)
+    if shape == "generalized":
+        kernel = np.exp(-0.5 * distance ** beta)
+    elif shape == "plateau":
+        kernel = 1.0 / (1.0 + distance ** beta)
+    else:
+        kernel = np.exp(-0.5 * distance)
     return kernel / kernel.sum()
 
 
@@ -145,21 +158,33 @@ class Step:
 
 
 class Blur(Step):
-    """Gaussian blur.
+    """Gaussian blur, optionally anisotropic and with generalized or plateau kernel shapes.
 
     kernel_size: odd kernel side in pixels, or a ``[low, high]`` range of odd sizes (default 21).
-    sigma: standard deviation in pixels, or a range (default [0.2, 3]). Anisotropic kernels draw the two
-        axes' sigmas independently from it.
+    sigma: kernel scale (the standard deviation for a Gaussian) in pixels, or a range (default [0.2, 3]).
+        Anisotropic kernels draw the two axes' sigmas independently from it.
     anisotropic: chance (0-1) that a kernel is elliptical, rotated by a uniform angle (default 0: always
-        isotropic). Real-ESRGAN uses about 0.5.
+        isotropic). Real-ESRGAN's kernel mix is anisotropic 31% of the time.
+    generalized: chance (0-1) of a generalized Gaussian ``exp(-(d^beta)/2)`` instead of a Gaussian (default 0).
+    plateau: chance (0-1) of a plateau kernel ``1 / (1 + d^beta)`` (default 0); ``generalized + plateau``
+        must not exceed 1. Real-ESRGAN uses 0.15 each.
+    beta_generalized: the generalized kernel's exponent, or a range (default [0.5, 4]).
+    beta_plateau: the plateau kernel's exponent, or a range (default [1, 2]).
     """
 
     def __init__(self, kernel_size: IntRange = 21, sigma: Range = [0.2, 3.0], anisotropic: float = 0.0,
-                 path: str = "blur"):
+                 generalized: float = 0.0, plateau: float = 0.0, beta_generalized: Range = [0.5, 4.0],
+                 beta_plateau: Range = [1.0, 2.0], path: str = "blur"):
         self.kernel_size = _span(kernel_size, f"{path}.kernel_size")
         _check_odd_sizes(self.kernel_size, f"{path}.kernel_size")
         self.sigma = _span(sigma, f"{path}.sigma", low_bound=1e-3)
         self.anisotropic = _check_prob(anisotropic, f"{path}.anisotropic")
+        self.generalized = _check_prob(generalized, f"{path}.generalized")
+        self.plateau = _check_prob(plateau, f"{path}.plateau")
+        if generalized + plateau > 1:
+            raise ConfigError(f"generalized ({generalized}) + plateau ({plateau}) chances exceed 1", f"{path}.plateau")
+        self.beta_generalized = _span(beta_generalized, f"{path}.beta_generalized", low_bound=1e-3)
+        self.beta_plateau = _span(beta_plateau, f"{path}.beta_plateau", low_bound=1e-3)
 
     def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         size = _odd_size(rng, self.kernel_size)
@@ -169,7 +194,14 @@ class Blur(Step):
         else:
             sigma_x = sigma_y = _uniform(rng, self.sigma)
             angle = 0.0
-        return _filter(image, gaussian_kernel(size, sigma_x, sigma_y, angle))
+        pick = rng.random()
+        if pick < self.generalized:
+            shape, beta = "generalized", _uniform(rng, self.beta_generalized)
+        elif pick < self.generalized + self.plateau:
+            shape, beta = "plateau", _uniform(rng, self.beta_plateau)
+        else:
+            shape, beta = "gaussian", 1.0
+        return _filter(image, gaussian_kernel(size, sigma_x, sigma_y, angle, shape, beta))
 
 
 class MotionBlur(Step):
@@ -208,10 +240,12 @@ class Sinc(Step):
     def __init__(self, kernel_size: IntRange = [7, 21], cutoff: Range = [math.pi / 3, math.pi], path: str = "sinc"):
         self.kernel_size = _span(kernel_size, f"{path}.kernel_size")
         _check_odd_sizes(self.kernel_size, f"{path}.kernel_size")
-        self.cutoff = _span(cutoff, f"{path}.cutoff", low_bound=1e-3, high_bound=math.pi + 1e-6)
+        # Allow a rounded pi (3.1416) from YAML; the kernel uses at most pi.
+        self.cutoff = _span(cutoff, f"{path}.cutoff", low_bound=1e-3, high_bound=math.pi * 1.001)
 
     def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-        return _filter(image, sinc_kernel(_odd_size(rng, self.kernel_size), _uniform(rng, self.cutoff)))
+        cutoff = min(_uniform(rng, self.cutoff), math.pi)
+        return _filter(image, sinc_kernel(_odd_size(rng, self.kernel_size), cutoff))
 
 
 class Resize(Step):
@@ -397,6 +431,27 @@ class Shuffle(Step):
         return run_steps([self.steps[i] for i in order], image, lq_size, rng)
 
 
+class OneOf(Step):
+    """One step of a nested list, chosen at random (e.g. a sinc filter instead of a Gaussian blur).
+
+    steps: the nested degradation list (same vocabulary).
+    weights: relative chances of the steps (default: equal).
+    """
+
+    def __init__(self, steps: list[dict], weights: Optional[list[float]] = None, path: str = "one_of"):
+        self.steps = build_steps(steps, f"{path}.steps")
+        if weights is None:
+            weights = [1.0] * len(self.steps)
+        if len(weights) != len(self.steps) or min(weights, default=0) < 0 or sum(weights) <= 0:
+            raise ConfigError(f"expected {len(self.steps)} non-negative weights, one per step, got {weights}",
+                              f"{path}.weights")
+        self.chances = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+
+    def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        chosen = int(rng.choice(len(self.steps), p=self.chances))
+        return run_steps([self.steps[chosen]], image, lq_size, rng)
+
+
 STEP_TYPES: dict[str, type[Step]] = {
     "blur": Blur,
     "motion_blur": MotionBlur,
@@ -408,22 +463,30 @@ STEP_TYPES: dict[str, type[Step]] = {
     "resize_to_lq": ResizeToLq,
     "chain": Chain,
     "shuffle": Shuffle,
+    "one_of": OneOf,
 }
 
 _MODES3 = ["area", "bilinear", "bicubic"]
+_KERNEL_MIX = {"anisotropic": 0.31, "generalized": 0.15, "plateau": 0.15, "beta_generalized": [0.5, 4.0],
+               "beta_plateau": [1.0, 2.0]}
 
 PRESETS: dict[str, list[dict[str, Any]]] = {
     "bicubic": [{"type": "resize_to_lq", "modes": ["bicubic"]}],
     # Real-ESRGAN's second-order chain (Wang et al. 2021, options/train_realesrnet_x4plus.yml) in this
-    # vocabulary. Differences: no generalized/plateau Gaussian kernels, and the first round's 10% sinc
-    # kernel is an extra sinc step rather than a replacement of the blur.
+    # vocabulary. Its kernel mix (iso/aniso x gaussian/generalized/plateau 0.45/0.25/0.12/0.03/0.12/0.03) is
+    # drawn here as independent anisotropy (0.31) and shape (0.15 generalized, 0.15 plateau) choices.
     "real_esrgan": [
-        {"type": "blur", "kernel_size": [7, 21], "sigma": [0.2, 3.0], "anisotropic": 0.5},
-        {"type": "sinc", "prob": 0.1, "kernel_size": [7, 21], "cutoff": [math.pi / 3, math.pi]},
+        {"type": "one_of", "weights": [0.9, 0.1], "steps": [
+            {"type": "blur", "kernel_size": [7, 21], "sigma": [0.2, 3.0], **_KERNEL_MIX},
+            {"type": "sinc", "kernel_size": [7, 21], "cutoff": [math.pi / 3, math.pi]},
+        ]},
         {"type": "resize", "scale": [0.15, 1.5], "up_down_keep": [0.2, 0.7, 0.1], "modes": _MODES3},
         {"type": "noise", "gaussian": [1, 30], "poisson": 0.5, "poisson_scale": [0.05, 3.0], "gray": 0.4},
         {"type": "jpeg", "quality": [30, 95]},
-        {"type": "blur", "prob": 0.8, "kernel_size": [7, 21], "sigma": [0.2, 1.5], "anisotropic": 0.5},
+        {"type": "one_of", "prob": 0.8, "weights": [0.9, 0.1], "steps": [
+            {"type": "blur", "kernel_size": [7, 21], "sigma": [0.2, 1.5], **_KERNEL_MIX},
+            {"type": "sinc", "kernel_size": [7, 21], "cutoff": [math.pi / 3, math.pi]},
+        ]},
         {"type": "resize", "scale": [0.3, 1.2], "up_down_keep": [0.3, 0.4, 0.3], "modes": _MODES3,
          "relative_to": "lq"},
         {"type": "noise", "gaussian": [1, 25], "poisson": 0.5, "poisson_scale": [0.05, 2.5], "gray": 0.4},
