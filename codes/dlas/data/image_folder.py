@@ -31,7 +31,7 @@ class ImageFolderDataset(SeededDataset):
     use_flip: random horizontal flips (default true).
     use_rot: random rotations by multiples of 90 degrees (default true).
     degradations: how LQ is made from HQ: a list of steps (blur, motion_blur, sinc, resize, noise, jpeg,
-        color_jitter, resize_to_lq, chain, shuffle, each with a ``prob``) or a preset name, ``bicubic``
+        color_jitter, resize_to_lq, chain, shuffle, one_of; each with a ``prob``) or a preset name, ``bicubic``
         (default, antialiased bicubic downscaling) or ``real_esrgan`` (the second-order chain).
     quantize_lq: round LQ to 8-bit levels like a saved image (default true).
     on_bad_image: ``skip`` (default) replaces unreadable, truncated or too-small images by another item and
