@@ -166,7 +166,15 @@ def test_compact_sr_upsamples_and_learns():
     out = net(x)
     assert out.shape == (2, 3, 32, 32)
     out.mean().backward()
-    assert all(p.grad is not None for p in net.parameters())
+    assert net.body[-1].weight.grad.abs().sum() > 0  # the zero-initialised last conv learns first
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
+def test_compact_sr_starts_as_its_plain_upsampler(mode):
+    net = build("compact_sr", nf=16, num_conv=2, scale=2, upsample=mode)
+    x = torch.rand(1, 3, 6, 6)
+    options = {} if mode == "nearest" else {"align_corners": False}
+    assert torch.equal(net(x), torch.nn.functional.interpolate(x, scale_factor=2, mode=mode, **options))
 
 
 def test_compact_sr_requires_out_nc_equal_in_nc():

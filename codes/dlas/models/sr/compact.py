@@ -28,8 +28,8 @@ class CompactSR(nn.Module):
         num_conv: number of nf->nf convs in the body (8-16 for CPU training; 16 or 32 in Real-ESRGAN).
         scale: upsampling factor (1-8).
         upsample: how the input is upsampled for the global residual: ``nearest`` (Real-ESRGAN's choice) or
-            ``bilinear``/``bicubic`` (smoother, so the network only has to learn the detail; slightly better
-            PSNR early in training).
+            ``bilinear``/``bicubic`` (smoother, so the network only has to learn the detail). The last conv starts
+            at zero, so the untrained network *is* this upsampler; with ``bicubic`` it starts at bicubic PSNR.
     """
 
     def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 32, num_conv: int = 8, scale: int = 4,
@@ -45,7 +45,12 @@ class CompactSR(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(in_nc, nf, 3, 1, 1), nn.PReLU(nf)]
         for _ in range(num_conv):
             layers += [nn.Conv2d(nf, nf, 3, 1, 1), nn.PReLU(nf)]
-        layers.append(nn.Conv2d(nf, out_nc * scale * scale, 3, 1, 1))
+        last = nn.Conv2d(nf, out_nc * scale * scale, 3, 1, 1)
+        # Zero-init so the untrained network is exactly the plain upsampler: training starts at interpolation
+        # quality instead of below it, and every step that lowers the loss improves on it.
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        layers.append(last)
         self.body = nn.Sequential(*layers)
         self.pixel_shuffle = nn.PixelShuffle(scale)
 
