@@ -94,11 +94,10 @@ def _with_noise(images: torch.Tensor, std: float) -> torch.Tensor:
     return images + torch.randn_like(images) * std if std > 0 else images
 
 
-def _check_gp(gradient_penalty_weight: float, noise: float) -> None:
-    if gradient_penalty_weight < 0:
-        raise ConfigError(f"gradient_penalty must be >= 0, got {gradient_penalty_weight}", "gradient_penalty")
-    if noise < 0:
-        raise ConfigError(f"noise is a standard deviation and must be >= 0, got {noise}", "noise")
+def _check_non_negative(**options: float) -> None:
+    for name, value in options.items():
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}", name)
 
 
 @LOSSES.register("generator_gan")
@@ -117,7 +116,7 @@ class GeneratorGanLoss(Loss):
     def __init__(self, discriminator: str = "discriminator", gan_type: GanType = "vanilla", real: str = "hq",
                  fake: str = "gen", noise: float = 0.0):
         super().__init__(reads=[fake, real] if gan_type == "ragan" else [fake], networks=[discriminator])
-        _check_gp(0.0, noise)
+        _check_non_negative(noise=noise)
         self.discriminator, self.gan_type, self.real, self.fake, self.noise = discriminator, gan_type, real, fake, noise
 
     def forward(self, state: Mapping[str, torch.Tensor], ctx: Context) -> torch.Tensor:
@@ -148,7 +147,7 @@ class DiscriminatorGanLoss(Loss):
     def __init__(self, discriminator: str = "discriminator", gan_type: GanType = "vanilla", real: str = "hq",
                  fake: str = "gen", noise: float = 0.0, gradient_penalty: float = 0.0, gp_type: GpType = "r1"):
         super().__init__(reads=[fake, real], networks=[discriminator])
-        _check_gp(gradient_penalty, noise)
+        _check_non_negative(noise=noise, gradient_penalty=gradient_penalty)
         self.discriminator, self.gan_type, self.real, self.fake, self.noise = discriminator, gan_type, real, fake, noise
         self.gradient_penalty, self.gp_type = gradient_penalty, gp_type
 
