@@ -88,6 +88,31 @@ def test_y_channel_psnr_equals_psnr_of_the_luma_planes():
     assert psnr(a, b, y_channel=True) == pytest.approx(expected, abs=1e-10)
 
 
+def test_y_channel_psnr_agrees_with_float64_bt601_to_1e_4_db():
+    # BasicSR's float32 steps vs the exact formula: published tables are comparable to this tolerance
+    a, b = random_image(26), random_image(27)
+    weights = np.array([65.481, 128.553, 24.966])
+    ya, yb = 16 + a.astype(np.float64) @ weights / 255, 16 + b.astype(np.float64) @ weights / 255
+    exact = 10 * math.log10(255**2 / np.mean((ya[2:-2, 2:-2] - yb[2:-2, 2:-2]) ** 2))
+    assert psnr(a, b, crop_border=2, y_channel=True) == pytest.approx(exact, abs=1e-4)
+
+
+def test_set5_like_anchor_on_a_real_photo_matches_skimage():
+    # skimage's bundled astronaut, x4 down and up with OpenCV bicubic, scored like an x4 paper table
+    from skimage import data
+    from skimage.metrics import peak_signal_noise_ratio
+
+    hr = data.astronaut()[:240, :240]
+    sr = cv2.resize(cv2.resize(hr, (60, 60), interpolation=cv2.INTER_AREA), (240, 240), interpolation=cv2.INTER_CUBIC)
+    y_hr, y_sr = rgb_to_y(hr)[4:-4, 4:-4, 0], rgb_to_y(sr)[4:-4, 4:-4, 0]
+    assert psnr(hr, sr, crop_border=4, y_channel=True) == pytest.approx(
+        peak_signal_noise_ratio(y_hr.astype(np.float64), y_sr.astype(np.float64), data_range=255), abs=1e-9)
+    assert ssim(hr, sr, crop_border=4, y_channel=True) == pytest.approx(structural_similarity(
+        y_hr.astype(np.float64), y_sr.astype(np.float64), gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, data_range=255), abs=1e-6)
+    assert 20 < psnr(hr, sr, crop_border=4, y_channel=True) < 35  # a plausible bicubic x4 number
+
+
 # ---------------------------------------------------------------- SSIM
 def test_ssim_of_identical_images_is_one():
     img = random_image(12)
