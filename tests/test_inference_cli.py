@@ -191,3 +191,16 @@ def test_codes_test_py_runs_from_a_checkout_and_exits_2_on_bad_input(tmp_path):
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+
+
+def test_bf16_output_is_close_to_fp32_and_fp16_on_cpu_is_exit_2(run_and_inputs, capsys):
+    run, _, tmp = run_and_inputs
+    base = ["--run", str(run), "--input", str(tmp / "lq"), "--device", "cpu"]
+    assert main(base + ["--output", str(tmp / "fp32")]) == 0
+    assert main(base + ["--output", str(tmp / "bf16"), "--precision", "bf16"]) == 0
+    fp32 = tensor_to_uint8(load_image(tmp / "fp32" / "im0.png")).astype(int)
+    bf16 = tensor_to_uint8(load_image(tmp / "bf16" / "im0.png")).astype(int)
+    assert np.abs(fp32 - bf16).max() <= 2  # bf16 keeps 8 bits of mantissa: about one 8-bit level
+    capsys.readouterr()
+    assert main(base + ["--output", str(tmp / "fp16"), "--precision", "fp16"]) == 2
+    assert "fp16 needs a CUDA device" in capsys.readouterr().err
