@@ -9,7 +9,7 @@ from skimage.metrics import structural_similarity
 
 from dlas.errors import DataError
 from dlas.metrics import fid, frechet_distance, lpips, psnr, rgb_to_y, ssim
-from dlas.metrics.fid import InceptionFeatures, feature_statistics, reference_statistics
+from dlas.metrics.fid import InceptionFeatures, feature_statistics
 from dlas.metrics.lpips import LPIPSMetric
 
 

@@ -9,7 +9,7 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Union
+from typing import Callable, ContextManager, Optional, Union
 
 import numpy as np
 import torch

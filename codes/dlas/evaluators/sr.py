@@ -5,6 +5,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,7 +119,7 @@ class SREvaluator(Evaluator):
             values = self._score(sr_image, hq_image, scale, ctx.device)
             if self._bicubic is None:
                 bicubic = F.interpolate(lq.float(), size=hq.shape[-2:], mode="bicubic", align_corners=False)
-                bicubic_sum += self._psnr(tensor_to_uint8(bicubic[0]), hq_image, scale)
+                bicubic_sum += psnr(tensor_to_uint8(bicubic[0]), hq_image, self._crop(scale), self.y_channel)
             for name, value in values.items():
                 sums[name] += value
             stem = Path(source).stem
@@ -136,17 +137,15 @@ class SREvaluator(Evaluator):
             write_json(ctx.out_dir / "metrics.json", {"step": ctx.step, **means, "convention": self.convention()})
         return means
 
-    def _psnr(self, output, target, scale: int) -> float:
-        crop = scale if self.crop_border is None else self.crop_border
-        return psnr(output, target, crop, self.y_channel)
+    def _crop(self, scale: int) -> int:
+        return scale if self.crop_border is None else self.crop_border
 
-    def _score(self, output, target, scale: int, device: torch.device) -> dict[str, float]:
-        crop = scale if self.crop_border is None else self.crop_border
+    def _score(self, output: np.ndarray, target: np.ndarray, scale: int, device: torch.device) -> dict[str, float]:
         values = {}
         if "psnr" in self.metrics:
-            values["psnr"] = psnr(output, target, crop, self.y_channel)
+            values["psnr"] = psnr(output, target, self._crop(scale), self.y_channel)
         if "ssim" in self.metrics:
-            values["ssim"] = ssim(output, target, crop, self.y_channel)
+            values["ssim"] = ssim(output, target, self._crop(scale), self.y_channel)
         if "lpips" in self.metrics:  # LPIPS convention: whole RGB image, no crop
             values["lpips"] = self._lpips_metric(device)(output, target)
         return values
