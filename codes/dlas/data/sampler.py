@@ -125,9 +125,6 @@ def seed_worker(worker_id: int, base_seed: int, rank: int) -> None:
     The built-in datasets do not need it (each item has its own generator), but user datasets that call
     ``random`` or ``np.random`` then differ between workers and ranks and repeat between runs.
     """
-    import cv2
-
-    cv2.setNumThreads(1)  # every worker already is a parallel lane; OpenCV's own threads would oversubscribe
     seed = int(np.random.SeedSequence([base_seed, rank, worker_id]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
@@ -155,6 +152,11 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: b
         sampler.load_state_dict(sampler.state_for(start_samples))
     extra = {}
     if num_workers > 0:
+        import cv2
+
+        # Forking while OpenCV's thread pool is alive deadlocks the workers' first OpenCV call, so shrink the
+        # pool before the workers are forked; each worker is a parallel lane of its own anyway.
+        cv2.setNumThreads(1)
         extra["worker_init_fn"] = functools.partial(seed_worker, base_seed=seed, rank=rank)
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
