@@ -44,6 +44,10 @@ class FlowLevel(nn.Module):
         self.channels_pass = self.split.channels_pass if split else channels
         self.latent_channels = self.split.channels_out if split else channels
 
+    def blocks(self) -> list[nn.Module]:
+        """The level's modules in forward order, flow steps whole (the units of activation checkpointing)."""
+        return [self.squeeze, *self.transitions, *self.steps] + ([self.split] if self.split is not None else [])
+
     def named_layers(self) -> list[tuple[str, nn.Module]]:
         """Every invertible layer in forward order, named for error messages (``step 3/16 coupling``)."""
         layers: list[tuple[str, nn.Module]] = [("squeeze", self.squeeze)]
@@ -162,6 +166,11 @@ class SRFlow(nn.Module):
             self.encoder.requires_grad_(trainable)
             self.encoder_trainable = trainable
 
+    def checkpoint_modules(self) -> list[nn.Module]:
+        """The encoder's RRDB blocks and every conditional flow step: what ``checkpointing: true`` recomputes in
+        the backward pass instead of storing (the flow steps hold most of the activations at 160x160)."""
+        return [*self.encoder.checkpoint_modules(), *(step for level in self.levels for step in level.steps)]
+
     def debug_info(self) -> dict[str, torch.Tensor]:
         """The last training batch's NLL split into its flow log-det and prior terms (bits/dim), and its NLL in the
         SRFlow paper's convention (``nll_srflow``)."""
@@ -231,8 +240,8 @@ class SRFlow(nn.Module):
         logdet = hq.new_zeros(hq.shape[0])
         latents = []
         for level, cond in zip(self.levels, self.conditions(lq)):
-            for _, layer in level.named_layers():
-                x, logdet = layer(x, cond, logdet)
+            for block in level.blocks():
+                x, logdet = block(x, cond, logdet)
             if level.split is not None:
                 latents.append(x[:, level.channels_pass:])
                 x = x[:, :level.channels_pass]
