@@ -52,7 +52,8 @@ class SRFlowEvaluator(Evaluator):
       crop_border: pixels ignored at each edge for PSNR against HQ (0: SRFlow's convention, whole image).
       y_channel: PSNR on MATLAB BT.601 luma instead of RGB (false: SRFlow's convention).
       center_crop: centre-crop HQ images to at most this size (LQ accordingly) to bound memory and time; null:
-        whole images, cropped down to the flow's size multiple for the NLL only.
+        whole images. Either way the pair is then cut to the nearest size the flow takes (HQ sides multiples of
+        2**L: at most one LQ pixel per side at x4 with L = 3).
       max_images: evaluate the first N images only (null: all).
       seed: seed of the noise and latents.
       save_images: write each sample as ``<stem>_t<T>.png``.
