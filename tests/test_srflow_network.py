@@ -181,9 +181,17 @@ def test_encoder_is_frozen_until_train_encoder_after_steps():
 
 
 def test_encoder_never_trains_with_train_encoder_after_null():
+    hq, lq = _pair()
     net = _tiny(train_encoder_after=None)
     net.set_step(10**6)
-    assert not any(p.requires_grad for p in net.encoder.parameters())
+    net(hq, lq)["nll"].mean().backward()
+    assert all(p.grad is None for p in net.encoder.parameters())
+
+
+def test_freezing_keeps_requires_grad_so_ddp_still_syncs_the_encoder_once_it_thaws():
+    net = _tiny(train_encoder_after=5)
+    net.set_step(1)
+    assert all(p.requires_grad for p in net.encoder.parameters())
 
 
 def test_pretrained_encoder_weights_are_loaded(tmp_path):

@@ -100,7 +100,7 @@ class SRFlow(nn.Module):
         (SRFlow's own configs used 32: coarser noise, and NLL numbers not comparable with 256).
       pretrained_encoder: RRDB generator weights (e.g. from ``options/esrgan_psnr_x4.yml``; BasicSR/ESRGAN files
         work) to start the encoder from. Without it the encoder starts from scratch (a warning is logged).
-      train_encoder_after: the encoder is frozen (no gradients, run under no_grad to save memory) for the first N
+      train_encoder_after: the encoder is frozen (run under no_grad: no gradients, less memory) for the first N
         training steps and trained afterwards; 0 trains it from the start, null never. The published recipe froze
         it for half of training. Applied by ``set_step``, which the trainer calls every iteration.
       reverse_clamp: when set (e.g. 1e3), activations of the reverse pass are clamped to [-c, c] after every layer
@@ -153,18 +153,17 @@ class SRFlow(nn.Module):
                                     split_cond_channels=cond_channels if conditional_split_prior else 0))
             channels = levels[-1].channels_pass
         self.levels = nn.ModuleList(levels)
-        self.encoder_trainable = True
         self.set_step(1)
         self._last_stats: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ trainer protocol
     def set_step(self, step: int) -> None:
         """Freeze or unfreeze the encoder for training step ``step`` (1-based) per ``train_encoder_after``."""
+        # Freezing runs the encoder under no_grad rather than flipping requires_grad: DDP fixes the set of
+        # parameters it synchronises when it wraps the network, so a thawed encoder would never be all-reduced.
+        # Its gradients stay None, and optimizers skip such parameters.
         after = self.train_encoder_after
-        trainable = after is not None and step > after
-        if trainable != self.encoder_trainable:
-            self.encoder.requires_grad_(trainable)
-            self.encoder_trainable = trainable
+        self.encoder_trainable = after is not None and step > after
 
     def checkpoint_modules(self) -> list[nn.Module]:
         """The encoder's RRDB blocks and every conditional flow step: what ``checkpointing: true`` recomputes in
