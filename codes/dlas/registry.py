@@ -35,10 +35,12 @@ _NoneType = type(None)
 class Registry:
     """Maps names to components of one kind (networks, losses, …) and builds them from config dicts."""
 
-    def __init__(self, kind: str, builtins: Optional[dict[str, str]] = None):
+    def __init__(self, kind: str, builtins: Optional[dict[str, str]] = None, provided: Iterable[str] = ()):
         self.kind = kind
         self._entries: dict[str, Any] = {}
         self._builtins = dict(builtins or {})
+        # constructor arguments the framework always passes itself (an optimizer's params): never config options
+        self.provided = tuple(provided)
 
     # ------------------------------------------------------------------ registration
     def register(self, name: Optional[str] = None, override: bool = False) -> Callable[[Any], Any]:
@@ -113,7 +115,7 @@ class Registry:
         except ConfigError as exc:
             return exc.problems
         user = {k: v for k, v in cfg.items() if k != "type" and k not in set(reserved)}
-        return check_call(target, user, path, provided)
+        return check_call(target, user, path, (*self.provided, *provided))
 
     @staticmethod
     def _kwargs(cfg: dict, reserved: Iterable[str]) -> dict[str, Any]:
@@ -129,7 +131,11 @@ class Registry:
         if problems:
             raise ConfigError(problems)
         target = self.get(cfg["type"], f"{path}.type")
-        return target(**self._kwargs(cfg, reserved), **extra)
+        try:
+            return target(**self._kwargs(cfg, reserved), **extra)
+        except ConfigError as exc:
+            # A constructor knows its option names, not where it sits in the config: prefix its paths.
+            raise ConfigError([_under(p, path) for p in exc.problems]) from exc
 
     def describe(self, name: str) -> str:
         """Human-readable options and docstring of one component (for ``--describe``)."""
@@ -139,13 +145,23 @@ class Registry:
         lines += ["  " + line for line in doc.splitlines()] + ["", "  options:"]
         hints = _type_hints(target)
         for param in _parameters(target):
-            if param.name == "self":
+            if param.name == "self" or param.name in self.provided:
                 continue
             hint = hints.get(param.name, param.annotation)
             hint_text = "" if hint is inspect.Parameter.empty else f": {_hint_name(hint)}"
             default = " (required)" if param.default is inspect.Parameter.empty else f" = {param.default!r}"
             lines.append(f"    {yaml_name(param.name)}{hint_text}{default}")
         return "\n".join(lines)
+
+
+def _under(problem: Problem, path: str) -> Problem:
+    """``problem`` re-rooted at the config ``path`` unless it already names a full dotted path or a file."""
+    inner = problem.path
+    if inner.startswith(path) or "/" in inner or inner.startswith(("datasets.", "networks.", "steps.", "train.",
+                                                                      "eval.", "logger.", "path.")):
+        return problem
+    joined = f"{path}.{inner}" if inner and not inner.startswith("[") else f"{path}{inner}"
+    return Problem(joined, problem.message, problem.line, problem.file)
 
 
 def _qualname(obj: Any) -> str:
@@ -335,8 +351,8 @@ INJECTORS = Registry("injector", _builtins.INJECTORS)
 LOSSES = Registry("loss", _builtins.LOSSES)
 DATASETS = Registry("dataset", _builtins.DATASETS)
 EVALUATORS = Registry("evaluator", _builtins.EVALUATORS)
-OPTIMIZERS = Registry("optimizer", _builtins.OPTIMIZERS)
-SCHEDULERS = Registry("scheduler", _builtins.SCHEDULERS)
+OPTIMIZERS = Registry("optimizer", _builtins.OPTIMIZERS, provided=("params",))
+SCHEDULERS = Registry("scheduler", _builtins.SCHEDULERS, provided=("optimizer",))
 
 REGISTRIES: dict[str, Registry] = {
     r.kind: r for r in (NETWORKS, INJECTORS, LOSSES, DATASETS, EVALUATORS, OPTIMIZERS, SCHEDULERS)
