@@ -81,7 +81,7 @@ def logged_losses(run_dir: Path) -> dict[int, str]:
     for line in (run_dir / "train.log").read_text().splitlines() if (run_dir / "train.log").exists() else []:
         match = re.search(r"step (\d+) (.*)", line)
         if match:
-            kept = [kv for kv in match.group(2).split() if not kv.startswith(("perf/", "train/"))]
+            kept = [kv for kv in match.group(2).split() if not kv.startswith(("perf/", "train/", "data/"))]
             lines[int(match.group(1))] = " ".join(kept)
     return lines
 

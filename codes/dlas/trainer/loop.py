@@ -53,11 +53,12 @@ class TrainLoop:
     """Runs an :class:`ExtensibleTrainer` over the train loader with logging, validation and checkpoints."""
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, trainer: ExtensibleTrainer, make_loader,
-                 evaluate=None, dist=None, higher_is_better=None):
+                 evaluate=None, dist=None, higher_is_better=None, dataset=None):
         self.cfg, self.run_dir, self.trainer = cfg, Path(run_dir), trainer
         self.make_loader = make_loader  # start_samples -> iterable of batches (resumes mid-epoch)
         self.evaluate = evaluate  # step -> {metric: value} (the same on every rank), or None without validation
         self.higher_is_better = higher_is_better or (lambda metric: "loss" not in metric)
+        self.dataset = dataset  # the train set, for its count of skipped bad images
         self.last_saved = trainer.step if trainer.step > 0 else -1  # a restored trainer sits on its checkpoint
         self.last_metrics: dict[str, float] = {}
         self.dist = dist
@@ -98,7 +99,8 @@ class TrainLoop:
                 if self.evaluate and self.train_cfg.get("val_freq") and (
                         step % self.train_cfg["val_freq"] == 0 or step == niter):
                     new_best = self._validate(step)
-                if trainer.bad_steps >= self.train_cfg.get("max_bad_steps", 10):
+                max_bad = self.train_cfg.get("max_bad_steps", 10)  # 0: never stop
+                if max_bad and trainer.bad_steps >= max_bad:
                     self.save(step)
                     raise TrainingStopped(
                         f"{trainer.bad_steps} steps in a row had non-finite losses or gradients (see the warnings "
@@ -162,6 +164,8 @@ class TrainLoop:
         values["perf/data_wait_fraction"] = window["data_time"] / max(elapsed, 1e-9)
         values["perf/peak_memory_mb"] = peak_memory_mb(self.trainer.device)
         values["train/bad_steps_total"] = float(self.trainer.bad_total)
+        if hasattr(self.dataset, "bad_count"):
+            values["data/bad_images"] = float(self.dataset.bad_count)
         for step_obj in self.trainer.steps:
             values[f"lr/{step_obj.name}"] = step_obj.optimizer.param_groups[0]["lr"]
         for name, net in self.trainer.networks.items():
@@ -172,9 +176,10 @@ class TrainLoop:
                     else:
                         values[f"debug/{name}/{key}"] = float(value)
         if self.is_main:
-            losses = {k: v for k, v in values.items() if "/weighted" not in k and not k.startswith(("perf/", "lr/"))}
-            progress.set_postfix_str(" ".join(f"{k.split('/', 1)[-1]}={v:.4g}" for k, v in
-                                              list(losses.items())[:4]), refresh=False)
+            step_names = {step_obj.name for step_obj in self.trainer.steps}
+            losses = {k: v for k, v in values.items()
+                      if k.split("/")[0] in step_names and k.count("/") == 1 and not k.endswith("/grad_norm")}
+            progress.set_postfix_str(" ".join(f"{k}={v:.4g}" for k, v in list(losses.items())[:4]), refresh=False)
             text = " ".join(f"{k}={v:.4g}" for k, v in values.items() if "/weighted" not in k)
             log.info("step %d %s", step, text)
             if self.writer:

@@ -188,7 +188,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> None:
         evaluator = evaluators.get(name)
         return evaluator.is_higher_better(metric) if hasattr(evaluator, "is_higher_better") else "loss" not in key
 
-    loop = TrainLoop(cfg, run_dir, trainer, make_loader, evaluate, dist, higher_is_better)
+    loop = TrainLoop(cfg, run_dir, trainer, make_loader, evaluate, dist, higher_is_better, datasets["train"])
     try:
         loop.run()
     finally:
