@@ -107,10 +107,15 @@ def _run(args: argparse.Namespace) -> int:
              f", overrides: {' '.join(args.overrides)}" if args.overrides else "")
     for level, message in notes:
         log.log(level, message)
+    from dlas.trainer.loop import TrainingStopped
+
     try:
         trainer.train(cfg, run_dir)
     except ConfigError as exc:
         raise ConfigError(cfg.attach_lines(exc.problems)) from None
+    except TrainingStopped as exc:  # the run diverged; it saved first and says what to change
+        log.error("%s", exc)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
