@@ -249,3 +249,19 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     steps = [s for s, _ in ckpt.list_checkpoints(run_dir)]
     assert len(steps) == 1 and steps[0] >= 3
     assert not ckpt.verify_checkpoint(ckpt.checkpoint_root(run_dir) / str(steps[0]))
+
+
+def test_a_run_that_keeps_producing_nan_saves_and_stops_with_a_message(tmp_path, capsys):
+    from dlas.cli.train import main
+
+    config = write_config(tmp_path, "diverged", 20, save_freq=100)
+    text = config.read_text().replace(
+        "      noisy: {type: noise, in: lq, out: lq_noisy, std: 0.05}",
+        "      noisy: {type: constant, like: lq, value: .nan, out: lq_noisy}")
+    text = text.replace("  mega_batch_factor: 2", "  mega_batch_factor: 2\n  max_bad_steps: 3")
+    config.write_text(text)
+    assert main(["-opt", str(config)]) == 1
+    run_dir = tmp_path / "experiments" / "diverged"
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [3]
+    log = (run_dir / "train.log").read_text()
+    assert "3 steps in a row had non-finite losses" in log and "gen/pix" in log
