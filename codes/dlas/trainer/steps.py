@@ -6,7 +6,6 @@ once per iteration after all micro-batches have been accumulated.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
@@ -20,6 +19,13 @@ from dlas.trainer.context import Context
 from dlas.trainer.schedules import Gate, build_weight
 
 GATE_KEYS = ("after", "before", "every")
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all ``grads`` together (``torch.nn.utils.get_total_norm`` where torch has it)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads, foreach=True)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 LOSS_RESERVED = ("weight",) + GATE_KEYS
 
 
@@ -139,8 +145,10 @@ class Step:
             return torch.zeros(()), bool(losses_finite)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        max_norm = self.grad_clip if self.grad_clip else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if self.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
+        else:  # the norm alone (for the NaN guard and the logs), without clipping's multiply by 1.0
+            norm = total_norm([p.grad for p in params])
         if self.scaler:
             # The scaler skips steps whose gradients overflowed and lowers its scale: that is fp16's normal
             # dynamics, not a bad step, so only a non-finite loss counts as one.

@@ -220,7 +220,8 @@ class ExtensibleTrainer:
         """Run one iteration on ``batch``; returns detached values to log (losses, grad norms, debug scalars)."""
         it = self.step + 1
         for net in self.networks.values():
-            net.train()
+            if not net.training:  # train() walks every submodule: only after validation switched it off
+                net.train()
             if hasattr(net, "set_step"):
                 net.set_step(it)
         states = split_batch(self.to_device(batch), self.mega_batch_factor)
