@@ -142,35 +142,30 @@ class ExtensibleTrainer:
 
     def check_graph(self, dataset_keys: Iterable[str]) -> None:
         """Every key read is produced earlier; every trained network is reached by some loss of its step."""
-        problems = []
+        problems: list[Problem] = []
         available = set(dataset_keys)
+
+        def check_component(path: str, component: Any) -> None:
+            for key in component.reads:
+                if key not in available:
+                    problems.append(Problem(path, f"reads state key '{key}', which nothing produces before it "
+                                            f"(available: {', '.join(sorted(available))})"))
+            for net in component.networks:
+                if net not in self.networks:
+                    problems.append(Problem(path, f"uses unknown network '{net}'"))
+
         for step in self.steps:
             producers: dict[str, Any] = {}
             for item in step.injectors:
-                path = f"steps.{step.name}.injectors.{item.name}"
-                for key in item.injector.reads:
-                    if key not in available:
-                        problems.append(Problem(path, f"reads state key '{key}', which nothing produces before it "
-                                                f"(available: {', '.join(sorted(available))})"))
-                for net in item.injector.networks:
-                    if net not in self.networks:
-                        problems.append(Problem(path, f"uses unknown network '{net}'"))
-                for key in item.injector.writes:
-                    producers[key] = item.injector
+                check_component(f"steps.{step.name}.injectors.{item.name}", item.injector)
+                producers.update({key: item.injector for key in item.injector.writes})
                 available |= set(item.injector.writes)
             reached: set[str] = set()
             for item in step.losses:
-                path = f"steps.{step.name}.losses.{item.name}"
-                for key in item.loss.reads:
-                    if key not in available:
-                        problems.append(Problem(path, f"reads state key '{key}', which nothing produces before it "
-                                                f"(available: {', '.join(sorted(available))})"))
-                for net in item.loss.networks:
-                    if net not in self.networks:
-                        problems.append(Problem(path, f"uses unknown network '{net}'"))
+                check_component(f"steps.{step.name}.losses.{item.name}", item.loss)
                 reached |= set(item.loss.networks)
                 frontier, seen = list(item.loss.reads), set()
-                while frontier:
+                while frontier:  # the networks of every injector this loss depends on, transitively
                     key = frontier.pop()
                     if key in seen or key not in producers:
                         continue
