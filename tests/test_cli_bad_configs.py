@@ -32,6 +32,8 @@ EXPECTED = {
     "frozen_bad_key": ("networks.generator.frozen.aftr", "did you mean 'after'", 5),
     "gate_before_after": ("steps.generator.losses.pix.before", "greater than 'after: 100'", 6),
     "injector_option_typo": ("steps.generator.injectors.gen.grda", "did you mean 'grad'", 7),
+    "graph_unproduced_key": ("steps.generator.losses.pix", "reads state key 'hr', which nothing produces", 6),
+    "graph_unreached_network": ("steps.generator.training[1]", "none of its losses depends on it", 7),
     "logger_not_mapping": ("logger", "expected a mapping, got a list", 3),
     "logger_typo": ("logger.print_frq", "did you mean 'print_freq'", 4),
     "loss_option_typo": ("steps.generator.losses.pix.criterrion", "did you mean 'criterion'", 7),
@@ -102,3 +104,9 @@ def test_three_errors_are_reported_at_once_with_their_lines():
     assert any(e.startswith(f"error: steps.generator.losses.pix.criterion ({file}:7): must be one of 'l1', 'l2'")
                for e in errors)
     assert any(e.startswith(f"error: train.niter ({file}:9): expected integer") for e in errors)
+
+
+def test_the_base_of_the_corpus_is_valid_down_to_the_state_graph():
+    result = run_train("-opt", "tests/configs/good/tiny.yml", "--validate")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("config OK")

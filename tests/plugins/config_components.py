@@ -1,7 +1,9 @@
-"""Tiny stand-in components for the config and CLI tests (no torch: only their signatures are checked).
+"""Tiny stand-in components for the config and CLI tests.
 
 They let the malformed-config corpus name a network, dataset, injector, loss, optimizer, scheduler and
-evaluator without depending on the real built-ins having landed.
+evaluator without depending on the built-ins. Each is a registered *function* that imports torch only when it
+is called, so loading a config that imports this module (``--print-config``) stays torch-free, while
+``--validate`` builds real (tiny) components and runs the trainer's state-graph check on them.
 """
 from __future__ import annotations
 
@@ -11,74 +13,93 @@ from dlas.registry import DATASETS, EVALUATORS, INJECTORS, LOSSES, NETWORKS, OPT
 
 
 @NETWORKS.register("tiny_net")
-class TinyNet:
+def tiny_net(nf: int = 4, scale: int = 2, act: Literal["relu", "lrelu"] = "relu"):
     """A stand-in upsampling network: ``nf`` features, upscaling by ``scale``."""
+    import torch
 
-    def __init__(self, nf: int = 4, scale: int = 2, act: Literal["relu", "lrelu"] = "relu"):
-        self.nf, self.scale, self.act = nf, scale, act
+    activation = torch.nn.ReLU() if act == "relu" else torch.nn.LeakyReLU(0.2)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, nf, 3, padding=1), activation,
+                               torch.nn.Conv2d(nf, 3 * scale * scale, 3, padding=1), torch.nn.PixelShuffle(scale))
 
 
 @DATASETS.register("tiny_images")
-class TinyImages:
-    """A stand-in dataset of ``length`` items of ``size``x``size`` pixels read from ``paths``."""
+def tiny_images(paths: list[str], size: int = 8, length: int = 4):
+    """A stand-in dataset of ``length`` random items of ``size``x``size`` pixels (``paths`` are not read)."""
+    import torch
 
-    def __init__(self, paths: list[str], size: int = 8, length: int = 4):
-        self.paths, self.size, self.length = paths, size, length
+    class TinyImages(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return length
+
+        def __getitem__(self, key):
+            g = torch.Generator().manual_seed(key[1] if isinstance(key, tuple) else key)
+            hq = torch.rand(3, size, size, generator=g)
+            return {"lq": hq[:, ::2, ::2], "hq": hq}
+
+    return TinyImages()
 
 
 @INJECTORS.register("tiny_generator")
-class TinyGenerator:
+def tiny_generator(network: str, in_: str = "lq", out: str = "gen", grad: bool = True):
     """Writes ``out`` = network(``in``)."""
+    from dlas.injectors.base import Injector
 
-    def __init__(self, network: str, in_: str = "lq", out: str = "gen", grad: bool = True):
-        self.network, self.input, self.out, self.grad = network, in_, out, grad
+    class TinyGenerator(Injector):
+        def __call__(self, state, ctx):
+            return {out: ctx.networks[network](state[in_])}
+
+    return TinyGenerator(reads=[in_], writes=[out], networks=[network])
 
 
 @LOSSES.register("tiny_pix")
-class TinyPix:
+def tiny_pix(fake: str = "gen", real: str = "hq", criterion: Literal["l1", "l2"] = "l1"):
     """A pixel loss between ``fake`` and ``real`` with ``criterion`` l1 or l2."""
+    import torch.nn.functional as F
 
-    def __init__(self, fake: str = "gen", real: str = "hq", criterion: Literal["l1", "l2"] = "l1"):
-        self.fake, self.real, self.criterion = fake, real, criterion
+    from dlas.losses.base import Loss
+
+    class TinyPix(Loss):
+        def forward(self, state, ctx):
+            loss = F.l1_loss if criterion == "l1" else F.mse_loss
+            return loss(state[fake], state[real])
+
+    return TinyPix(reads=[fake, real])
 
 
 @OPTIMIZERS.register("tiny_adam")
-class TinyAdam:
+def tiny_adam(params: list, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0):
     """Adam stand-in; ``params`` is provided by the framework."""
+    import torch
 
-    def __init__(self, params: list, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 weight_decay: float = 0.0):
-        self.params, self.lr, self.betas, self.weight_decay = params, lr, betas, weight_decay
+    return torch.optim.Adam([p for _, p in params], lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 @SCHEDULERS.register("tiny_multistep")
-class TinyMultiStep:
+def tiny_multistep(optimizer: object, milestones: list[int], gamma: float = 0.5):
     """Multiplies the learning rate by ``gamma`` at each of ``milestones``; ``optimizer`` is provided."""
+    import torch
 
-    def __init__(self, optimizer: object, milestones: list[int], gamma: float = 0.5):
-        self.optimizer, self.milestones, self.gamma = optimizer, milestones, gamma
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma)
 
 
 @EVALUATORS.register("tiny_psnr")
-class TinyPsnr:
+def tiny_psnr(dataset: str = "val", fake: str = "gen", real: str = "hq", crop_border: int = 0,
+              limit: Optional[int] = None):
     """Mean PSNR of ``fake`` against ``real`` over the ``dataset``; ``crop_border`` pixels ignored."""
-
-    def __init__(self, dataset: str = "val", fake: str = "gen", real: str = "hq", crop_border: int = 0,
-                 limit: Optional[int] = None):
-        self.dataset, self.fake, self.real, self.crop_border, self.limit = dataset, fake, real, crop_border, limit
+    return lambda ctx: {"psnr": 0.0}
 
 
 @INJECTORS.register("tiny_shared")
-class TinySharedInjector:
+def tiny_shared_injector(out: str = "shared"):
     """An injector whose name a loss also uses (``--describe`` shows both)."""
+    from dlas.injectors.base import Injector
 
-    def __init__(self, out: str = "shared"):
-        self.out = out
+    return Injector(writes=[out])
 
 
 @LOSSES.register("tiny_shared")
-class TinySharedLoss:
+def tiny_shared_loss(real: str = "hq"):
     """A loss whose name an injector also uses (``--describe`` shows both)."""
+    from dlas.losses.base import Loss
 
-    def __init__(self, real: str = "hq"):
-        self.real = real
+    return Loss(reads=[real])
