@@ -195,3 +195,27 @@ def test_every_register_decorator_has_a_built_in_table_entry():
                for (variable, name), module in decorators_in_source().items()
                if getattr(builtins, variable, {}).get(name) != module]
     assert not missing, "\n".join(missing)
+
+
+def test_a_constructors_own_config_error_is_reported_under_the_components_path():
+    registry = Registry("loss")
+
+    @registry.register("picky")
+    def picky(mode: str = "a"):
+        """Rejects every mode but 'a'."""
+        if mode != "a":
+            raise ConfigError("only 'a' is supported", "mode")
+
+    with pytest.raises(ConfigError) as info:
+        registry.build({"type": "picky", "mode": "b"}, "steps.gen.losses.p")
+    assert info.value.problems[0].path == "steps.gen.losses.p.mode"
+    with pytest.raises(ConfigError) as info:  # no path given: the constructor's own path stands
+        registry.build({"type": "picky", "mode": "b"})
+    assert info.value.problems[0].path == "mode"
+
+
+def test_describe_leaves_out_arguments_the_framework_provides():
+    from dlas.registry import OPTIMIZERS
+
+    text = OPTIMIZERS.describe("adam")
+    assert "params" not in text.split("options:")[1] and "lr: number" in text

@@ -126,14 +126,16 @@ class Registry:
 
         ``extra`` keyword arguments are supplied by the framework (not user keys) and are not validated.
         """
-        path = path or self.kind
-        problems = self.check(cfg, path, reserved, provided=extra)
+        where = path or self.kind
+        problems = self.check(cfg, where, reserved, provided=extra)
         if problems:
             raise ConfigError(problems)
-        target = self.get(cfg["type"], f"{path}.type")
+        target = self.get(cfg["type"], f"{where}.type")
         try:
             return target(**self._kwargs(cfg, reserved), **extra)
         except ConfigError as exc:
+            if path is None:
+                raise
             # A constructor knows its option names, not where it sits in the config: prefix its paths.
             raise ConfigError([_under(p, path) for p in exc.problems]) from exc
 
