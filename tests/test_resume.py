@@ -265,3 +265,36 @@ def test_a_run_that_keeps_producing_nan_saves_and_stops_with_a_message(tmp_path,
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [3]
     log = (run_dir / "train.log").read_text()
     assert "3 steps in a row had non-finite losses" in log and "gen/pix" in log
+
+
+def test_a_failed_save_stops_the_run_loudly_and_keeps_earlier_checkpoints(tmp_path):
+    from dlas.cli.train import main
+
+    config = write_config(tmp_path, "nosave", 4, save_freq=2)
+    run_dir = tmp_path / "experiments" / "nosave"
+    assert main(["-opt", str(config), "train.niter=2"]) == 0
+    # make the next save fail: the checkpoint folder of step 4 exists as a file (an OSError, like a full disk)
+    (ckpt.checkpoint_root(run_dir) / ".tmp-4-{}".format(os.getpid())).write_text("in the way")
+    assert main(["-opt", str(config)]) == 1
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
+    assert "saving checkpoint 4" in (run_dir / "train.log").read_text()
+
+
+def test_pretrained_weights_load_strictly_or_report_what_did_not_fit(tmp_path):
+    from dlas.cli.train import main
+    from safetensors.torch import save_file
+
+    source = run(tmp_path, "source", 2, save_freq=2)
+    weights = ckpt.checkpoint_root(source) / "2" / "gen.safetensors"
+    config = write_config(tmp_path, "target", 1)
+    assert main(["-opt", str(config), f"+path.pretrain_model_gen={weights}"]) == 0
+    loaded = load_file(str(ckpt.checkpoint_root(tmp_path / "experiments" / "target") / "1" / "gen.safetensors"))
+    assert loaded.keys() == load_file(str(weights)).keys()
+
+    partial = tmp_path / "partial.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("body.2")}, str(partial))
+    assert main(["-opt", str(config), "name=strict", f"+path.pretrain_model_gen={partial}"]) == 2
+    assert main(["-opt", str(config), "name=lenient", f"+path.pretrain_model_gen={partial}",
+                 "path.strict_load=false"]) == 0
+    log = (tmp_path / "experiments" / "lenient" / "train.log").read_text()
+    assert "did not match completely" in log and "2 missing" in log

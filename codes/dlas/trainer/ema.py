@@ -79,9 +79,3 @@ class EMA:
                 else:
                     shadow.load_state_dict(sd)
         self.updates = updates
-
-    def to(self, device: torch.device) -> "EMA":
-        for shadows in self.shadows.values():
-            for shadow in shadows.values():
-                shadow.to(device)
-        return self

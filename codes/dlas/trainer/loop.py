@@ -234,7 +234,12 @@ class TrainLoop:
         self.last_saved = step
         if not self.is_main:
             return
-        folder = ckpt.save_checkpoint(self.run_dir, step, self.trainer.weights(), state)
+        try:
+            folder = ckpt.save_checkpoint(self.run_dir, step, self.trainer.weights(), state)
+        except OSError as exc:  # disk full, permissions: stop loudly, never train on unsaved
+            raise TrainingStopped(f"saving checkpoint {step} under {ckpt.checkpoint_root(self.run_dir)} failed: "
+                                  f"{exc}. Earlier checkpoints are intact; free space or fix permissions, then "
+                                  "run the same command to resume.") from exc
         if self.best and self.best["step"] == step:
             ckpt.write_best(self.run_dir, self.best["metric"], self.best["value"], step)
         protect = [self.best["step"]] if self.best else []

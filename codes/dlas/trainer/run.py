@@ -96,7 +96,11 @@ def load_pretrained(cfg: Mapping[str, Any], trainer: ExtensibleTrainer) -> None:
             continue
         name = key[len("pretrain_model_"):]
         report = load_network_weights(trainer.networks[name], file, strict=paths.get("strict_load", True))
-        log.info("loaded pretrained weights for '%s' from %s%s", name, file, f": {report}" if report else "")
+        if report.complete:
+            log.info("loaded pretrained weights for '%s' from %s: %s", name, file, report.summary())
+        else:  # strict_load: false took what fit; say precisely what did not
+            log.warning("pretrained weights for '%s' from %s did not match completely (strict_load is false): %s",
+                        name, file, report.summary())
         if trainer.ema and name in trainer.ema.sources:
             trainer.ema.load_state_dicts({}, trainer.ema.updates)  # shadows restart from the loaded weights
 
