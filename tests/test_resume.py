@@ -1,6 +1,7 @@
 """Checkpoints and resume: a stopped and resumed run is the same run, bit for bit, on the CPU."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -298,3 +299,19 @@ def test_pretrained_weights_load_strictly_or_report_what_did_not_fit(tmp_path):
                  "path.strict_load=false"]) == 0
     log = (tmp_path / "experiments" / "lenient" / "train.log").read_text()
     assert "did not match completely" in log and "2 missing" in log
+
+
+def test_keep_best_keeps_the_best_validated_checkpoint_besides_the_newest(tmp_path):
+    config = write_config(tmp_path, "best", 8, save_freq=2)
+    text = config.read_text().replace("logger: {print_freq: 1, save_checkpoint_freq: 2, keep_checkpoints: 10,",
+                                      "logger: {print_freq: 1, save_checkpoint_freq: 2, keep_checkpoints: 1, "
+                                      "keep_best: scripted/psnr,")
+    text = text.replace("  niter: 8\n", "  niter: 8\n  val_freq: 2\n")
+    text += "eval:\n  scripted: {type: test_scripted_metric, values: {2: 10.0, 4: 30.0, 6: 20.0, 8: 5.0}}\n"
+    config.write_text(text)
+    cfg = load_config(str(config))
+    run_dir = Path(cfg["path"]["root"]) / "best"
+    train(cfg, run_dir)
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [4, 8]
+    assert ckpt.read_best(run_dir) == {"metric": "scripted/psnr", "value": 30.0, "step": 4}
+    assert json.loads((run_dir / "val" / "6" / "metrics.json").read_text()) == {"scripted/psnr": 20.0}

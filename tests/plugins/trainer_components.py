@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dlas.registry import DATASETS, NETWORKS
+from dlas.registry import DATASETS, EVALUATORS, NETWORKS
 
 
 @NETWORKS.register("test_conv")
@@ -68,3 +68,17 @@ class FailsOnRank(TestConv):
 
         if step == self.fail_step and int(os.environ.get("RANK", "0")) == self.fail_rank:
             raise RuntimeError(f"deliberate failure on rank {self.fail_rank} at step {step}")
+
+
+@EVALUATORS.register("test_scripted_metric")
+class ScriptedMetric:
+    """Reports ``values[step]`` as ``psnr`` (higher is better): for checkpoint-retention tests."""
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    def __call__(self, ctx) -> dict:
+        return {"psnr": float(self.values[ctx.step])}
+
+    def is_higher_better(self, metric: str) -> bool:
+        return True
