@@ -249,3 +249,21 @@ def test_activation_checkpointing_gives_the_same_gradients():
         plain.train_step(batch)
         ckpt.train_step(batch)
     assert_same_weights(plain.networks["gen"], ckpt.networks["gen"], atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_under_autocast(precision):
+    cfg = base_cfg()
+    cfg["precision"] = precision
+    trainer = build(cfg)
+    before = copy.deepcopy(trainer.networks["gen"].state_dict())
+    logs = {}
+    for batch in batches(3):
+        logs = trainer.train_step(batch)
+    assert math.isfinite(float(logs["gen/pix"])) and trainer.bad_total == 0
+    assert (trainer.steps[0].scaler is not None) == (precision == "fp16")
+    assert all(v.dtype == torch.float32 for v in trainer.networks["gen"].state_dict().values())
+    assert not torch.equal(before["body.0.weight"], trainer.networks["gen"].state_dict()["body.0.weight"])
+    # the scaler's state is part of the step's checkpoint state
+    assert ("scaler" in trainer.state_dict()["steps"]["gen"]) and \
+        (trainer.state_dict()["steps"]["gen"]["scaler"] is not None) == (precision == "fp16")
