@@ -267,3 +267,20 @@ def test_mixed_precision_trains_under_autocast(precision):
     # the scaler's state is part of the step's checkpoint state
     assert ("scaler" in trainer.state_dict()["steps"]["gen"]) and \
         (trainer.state_dict()["steps"]["gen"]["scaler"] is not None) == (precision == "fp16")
+
+
+def test_grad_clip_matches_clip_grad_norm_and_norms_are_logged_per_network():
+    cfg = base_cfg()
+    cfg["steps"]["gen"]["grad_clip"] = 0.01
+    trainer = build(cfg)
+    net = reference_net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    for batch in batches(3):
+        logs = trainer.train_step(batch)
+        opt.zero_grad()
+        F.l1_loss(net(batch["lq"]), batch["hq"]).backward()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 0.01)
+        opt.step()
+        assert float(logs["grad_norm/gen"]) == pytest.approx(float(norm), rel=1e-5)
+        assert float(logs["gen/grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
+    assert_same_weights(trainer.networks["gen"], net, atol=1e-6)

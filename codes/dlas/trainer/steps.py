@@ -62,6 +62,7 @@ class Step:
     scheduler: Any = None
     scaler: Optional[torch.amp.GradScaler] = None
     params: list[torch.nn.Parameter] = field(default_factory=list)
+    params_by_network: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -88,6 +89,7 @@ class Step:
                         scheduler_cfg: Optional[Mapping[str, Any]], scheduler_path: str, use_scaler: bool,
                         device: torch.device) -> None:
         named = [(f"{net}.{pname}", p) for net in self.training for pname, p in networks[net].named_parameters()]
+        self.params_by_network = {net: list(networks[net].parameters()) for net in self.training}
         self.params = [p for _, p in named]
         self.optimizer = OPTIMIZERS.build(dict(cfg), f"steps.{self.name}.optimizer", params=named)
         if scheduler_cfg:
@@ -134,32 +136,35 @@ class Step:
             logged["total"] = total.detach() * micro_batches
         return logged
 
-    def optimize(self, losses_finite: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    def optimize(self, losses_finite: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         """Clip, check and apply the accumulated gradients.
 
-        Returns the gradient norm and whether the update was applied: a non-finite loss or gradient norm skips
-        it (the NaN/Inf guard). This is the step's one host sync.
+        Returns the gradient norm of each trained network and of all of them (``"total"``), and whether the
+        update was applied: a non-finite loss or gradient norm skips it (the NaN/Inf guard). This is the step's
+        one host sync.
         """
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return torch.zeros(()), bool(losses_finite)
+        grads = {net: [p.grad for p in params if p.grad is not None] for net, params in self.params_by_network.items()}
+        grads = {net: g for net, g in grads.items() if g}
+        if not grads:
+            return {"total": torch.zeros(())}, bool(losses_finite)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip, foreach=True)
-        else:  # the norm alone (for the NaN guard and the logs), without clipping's multiply by 1.0
-            norm = total_norm([p.grad for p in params])
+        norms = {net: total_norm(g) for net, g in grads.items()}
+        norms["total"] = torch.linalg.vector_norm(torch.stack(list(norms.values())))
+        if self.grad_clip:  # as clip_grad_norm_, reusing the norms already computed
+            coef = (self.grad_clip / (norms["total"] + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_([g for gs in grads.values() for g in gs], coef)
         if self.scaler:
             # The scaler skips steps whose gradients overflowed and lowers its scale: that is fp16's normal
             # dynamics, not a bad step, so only a non-finite loss counts as one.
             ok = bool(losses_finite)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            return norm, ok
-        ok = bool(torch.isfinite(norm) & losses_finite)
+            return norms, ok
+        ok = bool(torch.isfinite(norms["total"]) & losses_finite)
         if ok:
             self.optimizer.step()
-        return norm, ok
+        return norms, ok
 
     def zero_grad(self) -> None:
         if self.optimizer is not None:

@@ -243,8 +243,9 @@ class ExtensibleTrainer:
             losses_finite = torch.isfinite(torch.stack(finite)).all() if finite else torch.tensor(True)
             if self.dist is not None:  # a NaN on one rank must skip the update on every rank
                 losses_finite = self.dist.all_true(losses_finite)
-            norm, ok = step.optimize(losses_finite)
-            logs[f"{step.name}/grad_norm"] = norm.detach()
+            norms, ok = step.optimize(losses_finite)
+            logs[f"{step.name}/grad_norm"] = norms.pop("total").detach()
+            logs.update({f"grad_norm/{net}": norm.detach() for net, norm in norms.items()})
             if ok:
                 self.bad_steps = 0
                 if self.ema:
