@@ -122,6 +122,50 @@ def test_actnorm_first_training_batch_comes_out_zero_mean_unit_variance():
     assert bool(actnorm.initialized)
 
 
+def test_actnorm_initialises_from_a_bf16_batch_in_float32():
+    # Under bf16 autocast the convs before an actnorm hand it bf16 activations; E[x^2] - E[x]^2 in bf16 cancels
+    # catastrophically (mean 7, std 0.1 came out with std ~10^4).
+    torch.manual_seed(0)
+    actnorm = ActNorm2d(3)
+    x = torch.randn(8, 3, 6, 6) * 0.1 + 7.0
+    actnorm(x.bfloat16())
+    z, _ = actnorm(x)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=0.1)
+    assert torch.allclose(z.std(dim=(0, 2, 3)), torch.ones(3), atol=0.1)
+
+
+def test_invconv_keeps_float32_activations_under_bf16_autocast():
+    torch.manual_seed(0)
+    for lu in (False, True):
+        layer = InvertibleConv1x1(8, lu_decomposed=lu)
+        x = torch.randn(2, 8, 5, 5)
+        with torch.no_grad():
+            exact, logdet = layer(x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                z, logdet_autocast = layer(x)
+                back = layer.reverse(z)
+        assert z.dtype == torch.float32 and back.dtype == torch.float32
+        assert (z - exact).abs().max().item() < 1e-5
+        assert torch.allclose(logdet_autocast, logdet, atol=1e-4)
+        assert (back - x).abs().max().item() < 1e-4
+
+
+def test_coupling_and_split_logdets_are_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    x, cond = torch.randn(2, 4, 16, 16), torch.randn(2, COND_CHANNELS, 16, 16)
+    for layer in (AffineCoupling(4, COND_CHANNELS, hidden_channels=8), AffineInjector(4, COND_CHANNELS, 8),
+                  Split(4)):
+        layer.train()
+        layer(x, cond)
+        _randomise_zero_convs(layer)
+        layer.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            z, logdet = layer(x, cond)
+            back = layer.reverse(z, cond)
+        assert z.dtype == torch.float32 and logdet.dtype == torch.float32
+        assert (back - x).abs().max().item() < 1e-4
+
+
 def test_actnorm_initialises_only_once():
     torch.manual_seed(0)
     actnorm = ActNorm2d(2)

@@ -64,7 +64,9 @@ class ActNorm2d(nn.Module):
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
         """Set the parameters from the statistics of ``x`` (called automatically on the first training batch)."""
-        moments = torch.stack([x.mean(dim=(0, 2, 3)), (x * x).mean(dim=(0, 2, 3))]).float()
+        # In float32 at least: under bf16 autocast x is bf16, where E[x^2] - E[x]^2 cancels to garbage.
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        moments = torch.stack([x.mean(dim=(0, 2, 3)), (x * x).mean(dim=(0, 2, 3))])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(moments)
             moments /= dist.get_world_size()
@@ -135,14 +137,18 @@ class InvertibleConv1x1(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: Optional[torch.Tensor] = None,
                 logdet: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        weight, logabsdet = self.matrix_and_logabsdet()
-        z = F.conv2d(x, weight.to(x.dtype)[:, :, None, None])
+        # Outside autocast: a bf16 1x1 conv (or LU product) would round the flow's activations to 3 digits, and the
+        # reverse pass could no longer undo it.
+        with torch.autocast(x.device.type, enabled=False):
+            weight, logabsdet = self.matrix_and_logabsdet()
+            z = F.conv2d(x, weight.to(x.dtype)[:, :, None, None])
         return z, _zero_logdet(x, logdet) + logabsdet * _pixels(x)
 
     def reverse(self, z: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weight, _ = self.matrix_and_logabsdet()
-        inverse = torch.linalg.inv(weight.double()).to(z.dtype)
-        return F.conv2d(z, inverse[:, :, None, None])
+        with torch.autocast(z.device.type, enabled=False):
+            weight, _ = self.matrix_and_logabsdet()
+            inverse = torch.linalg.inv(weight.double()).to(z.dtype)
+            return F.conv2d(z, inverse[:, :, None, None])
 
 
 class Squeeze(nn.Module):

@@ -22,6 +22,12 @@ from dlas.registry import NETWORKS
 log = logging.getLogger(__name__)
 
 
+def _full_precision(x: torch.Tensor) -> torch.autocast:
+    """Autocast off for the flow. Its log-determinants, 1x1-conv inverses and couplings need float32: with bf16
+    coupling networks the reverse pass misses the input by up to a grey level. The encoder keeps autocast."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 class NonFiniteError(FloatingPointError):
     """The reverse (sampling) pass produced NaN or Inf; the message names the layer where it first happened."""
 
@@ -71,6 +77,8 @@ class SRFlow(nn.Module):
     transition steps (actnorm + 1x1 conv), K steps (actnorm, 1x1 conv, conditional affine injector, conditional
     affine coupling), and a split that moves half of the channels out under a learned prior (every level but the
     last). Image size is taken from the input: HR height and width must be divisible by 2**L (160 in the recipe).
+    Under ``precision: bf16`` or ``fp16`` only the encoder runs in reduced precision; the flow always runs in
+    float32 (in bf16 its reverse pass would miss the input by up to a grey level).
 
     Calling it (the ``generator`` injector):
       ``forward(hq, lq)`` -> ``{"nll": [B], "nll_srflow": [B], "z": final latent, "logdet": [B]}``.
@@ -238,12 +246,14 @@ class SRFlow(nn.Module):
             x = hq
         logdet = hq.new_zeros(hq.shape[0])
         latents = []
-        for level, cond in zip(self.levels, self.conditions(lq)):
-            for block in level.blocks():
-                x, logdet = block(x, cond, logdet)
-            if level.split is not None:
-                latents.append(x[:, level.channels_pass:])
-                x = x[:, :level.channels_pass]
+        conditions = self.conditions(lq)
+        with _full_precision(x):
+            for level, cond in zip(self.levels, conditions):
+                for block in level.blocks():
+                    x, logdet = block(x, cond.to(x.dtype), logdet)
+                if level.split is not None:
+                    latents.append(x[:, level.channels_pass:])
+                    x = x[:, :level.channels_pass]
         latents.append(x)
         log_prior = sum(standard_normal_logp(z) for z in latents)
         channels, height, width = hq.shape[1:]
@@ -269,13 +279,14 @@ class SRFlow(nn.Module):
             raise ValueError(f"srflow reverse needs {self.L} latents (one per level), got {len(latents)}")
         conditions = self.conditions(lq)
         x = latents[-1]
-        for i in reversed(range(self.L)):
-            level, cond = self.levels[i], conditions[i]
-            if level.split is not None:
-                x = torch.cat([x, latents[i]], dim=1)
-            for name, layer in reversed(level.named_layers()):
-                x = layer.reverse(x, cond)
-                x = self._guard(x, f"level {i + 1}/{self.L}, {name}")
+        with _full_precision(x):
+            for i in reversed(range(self.L)):
+                level, cond = self.levels[i], conditions[i].to(x.dtype)
+                if level.split is not None:
+                    x = torch.cat([x, latents[i].to(x.dtype)], dim=1)
+                for name, layer in reversed(level.named_layers()):
+                    x = layer.reverse(x, cond)
+                    x = self._guard(x, f"level {i + 1}/{self.L}, {name}")
         return x
 
     def _guard(self, x: torch.Tensor, where: str) -> torch.Tensor:
