@@ -16,7 +16,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from dlas.cli.test import Parser, add_inference_arguments, add_run_arguments, check_tiling, report_user_errors
+from dlas.cli.test import (SCALE_PROBE_SIZE, Parser, add_inference_arguments, add_run_arguments, check_tiling,
+                           report_user_errors)
 from dlas.errors import ConfigError, DataError, UserError
 
 FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".avi": "MJPG", ".mov": "mp4v", ".mkv": "mp4v"}
@@ -54,7 +55,6 @@ def read_batches(capture, batch: int) -> Iterator[list[np.ndarray]]:
 def open_writer(path: Path, fourcc: str, fps: float, width: int, height: int):
     import cv2
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (width, height))
     if not writer.isOpened():
         raise DataError(f"OpenCV cannot write a '{fourcc}' video here; try an .avi output (MJPG) or another "
@@ -67,8 +67,8 @@ def process(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from dlas.inference import (autocast_context, infer_scale, load_trained_network, run_network, save_image,
-                                select_device, tensor_to_uint8)
+    from dlas.inference import (autocast_context, infer_scale, load_trained_network, prepare_output_folder,
+                                run_network, save_image, select_device, tensor_to_uint8)
 
     if not args.run:
         raise ConfigError("give the trained run: --run experiments/NAME", "--run")
@@ -78,10 +78,17 @@ def process(args: argparse.Namespace) -> int:
     source, output = Path(args.input), Path(args.output)
     if not source.is_file():
         raise DataError("no such video file", str(source))
+    if output.resolve() == source.resolve():
+        raise ConfigError("the output would overwrite the input video while it is read; choose another --output",
+                          "--output")
     fourcc = args.fourcc or FOURCC_BY_SUFFIX.get(output.suffix.lower())
     if fourcc is None or len(fourcc) != 4:
         raise ConfigError(f"cannot pick a codec for '{output.suffix}': use .mp4 or .avi, or give a 4-letter "
                           "--fourcc", "--output")
+    frames_dir = Path(args.frames_dir) if args.frames_dir else None
+    prepare_output_folder(output.parent)  # before the video is read: fail at once, not after the first batch
+    if frames_dir:
+        prepare_output_folder(frames_dir)
     capture = cv2.VideoCapture(str(source))
     if not capture.isOpened():
         raise DataError("OpenCV cannot open this video (unknown container or codec)", str(source))
@@ -90,15 +97,14 @@ def process(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     loaded = load_trained_network(args.run, args.network, args.step, args.best, args.ema, device)
     autocast = autocast_context(args.precision or "fp32", device)
-    frames_dir = Path(args.frames_dir) if args.frames_dir else None
     writer, scale, written = None, None, 0
     try:
         with tqdm(total=total, desc="process_video", unit="frame", disable=None) as progress:
             for frames in read_batches(capture, args.batch):
                 lq = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255).to(device)
                 with torch.no_grad(), autocast():
-                    if scale is None:
-                        scale = infer_scale(loaded.network, lq[:1], args.tile)
+                    if scale is None:  # measured on a corner crop: a whole 4K frame would cost a second pass
+                        scale = infer_scale(loaded.network, lq[:1], args.tile or SCALE_PROBE_SIZE)
                     upscaled = run_network(loaded.network, lq, scale, args.tile, args.tile_overlap)
                 for frame in upscaled:
                     rgb = tensor_to_uint8(frame)

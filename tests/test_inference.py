@@ -119,3 +119,20 @@ def test_list_images_of_a_missing_folder_or_an_empty_one_is_a_data_error(tmp_pat
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="no image files"):
         list_images(tmp_path)
+
+
+def test_list_images_ignores_hidden_files_like_the_datasets_do(tmp_path):
+    save_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 macOS AppleDouble stub")
+    (tmp_path / ".thumb.png").write_bytes(b"junk")
+    assert list_images(tmp_path) == [tmp_path / "a.png"]
+
+
+def test_save_image_into_an_unwritable_place_is_a_data_error_naming_the_file(tmp_path):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(DataError) as err:
+        save_image(tmp_path / "file" / "out.png", np.zeros((4, 4, 3), np.uint8))
+    assert "out.png" in str(err.value)
+    (tmp_path / "taken.png").mkdir()  # a folder where the image should go: OpenCV's imwrite fails
+    with pytest.raises(DataError, match="taken.png"):
+        save_image(tmp_path / "taken.png", np.zeros((4, 4, 3), np.uint8))

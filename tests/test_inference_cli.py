@@ -203,3 +203,64 @@ def test_bf16_output_is_close_to_fp32_and_fp16_on_cpu_is_exit_2(run_and_inputs, 
     capsys.readouterr()
     assert main(base + ["--output", str(tmp / "fp16"), "--precision", "fp16"]) == 2
     assert "fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+def test_real_world_inputs_grayscale_rgba_16_bit_and_odd_sizes_all_come_out_rgb(tmp_path):
+    import cv2
+    from PIL import Image
+
+    run = make_run(tmp_path, bias_of_step=lambda s: 0.0)  # nearest x2, exactly
+    lq = tmp_path / "lq"
+    lq.mkdir()
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (13, 17), dtype=np.uint8)
+    Image.fromarray(gray, "L").save(lq / "gray.png")
+    Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 255)]), "RGBA").save(lq / "rgba.png")
+    cv2.imwrite(str(lq / "deep.png"), rng.integers(0, 65536, (9, 1, 3), dtype=np.uint16))
+    (lq / "notes.txt").write_text("not an image")
+    (lq / "._gray.png").write_bytes(b"\x00\x05\x16\x07 macOS stub")
+    assert main(["--run", str(run), "--input", str(lq), "--output", str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["deep.png", "gray.png", "rgba.png"]
+    up = np.repeat(np.repeat(gray, 2, axis=0), 2, axis=1)
+    for name in ("gray.png", "rgba.png"):  # opaque RGBA: the gray values themselves
+        assert np.array_equal(tensor_to_uint8(load_image(tmp_path / "out" / name)), np.dstack([up] * 3))
+    assert load_image(tmp_path / "out" / "deep.png").shape == (3, 18, 2)
+
+
+@pytest.mark.parametrize("output", ["afile/out", "afile", "taken"])
+def test_an_output_folder_that_cannot_be_written_is_exit_2_naming_it(run_and_inputs, capsys, output):
+    run, _, tmp = run_and_inputs
+    (tmp / "afile").write_text("a file")
+    (tmp / "taken" / "im0.png").mkdir(parents=True)  # a folder where an output image should go
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / output)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+    assert (str(tmp / "afile") if output.startswith("afile") else "im0.png") in err[0]
+
+
+def test_writing_outputs_over_the_inputs_is_refused(run_and_inputs, capsys):
+    run, _, tmp = run_and_inputs
+    before = (tmp / "lq" / "im0.png").read_bytes()
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "lq")]) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert (tmp / "lq" / "im0.png").read_bytes() == before
+
+
+def test_two_inputs_with_the_same_stem_are_refused_before_any_work(run_and_inputs, capsys):
+    run, _, tmp = run_and_inputs
+    (tmp / "lq" / "im0.jpg").write_bytes((tmp / "lq" / "im0.png").read_bytes())
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "im0.jpg" in err and "im0.png" in err
+    assert not (tmp / "out").exists()
+
+
+def test_an_image_too_small_to_score_is_exit_2_naming_it(tmp_path, capsys):
+    run = make_run(tmp_path)
+    make_images(tmp_path / "lq", count=1, size=3)  # 6x10 outputs: nothing left after cropping 2 px for SSIM
+    main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "ref")])
+    capsys.readouterr()
+    assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out"),
+                 "--metrics", "--reference", str(tmp_path / "ref")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "im0.png" in err[0] and "--crop-border" in err[0]

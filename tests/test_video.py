@@ -92,3 +92,43 @@ def test_an_unknown_output_container_is_exit_2(tmp_path, run, capsys):
     write_clip(source)
     assert process_video.main(["--run", str(run), "--input", str(source), "--output", str(tmp_path / "o.xyz")]) == 2
     assert "--fourcc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["output", "frames-dir"])
+def test_an_output_that_cannot_be_written_is_exit_2_naming_it(tmp_path, run, capsys, where):
+    source = tmp_path / "clip.avi"
+    write_clip(source, frames=2)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    paths = {"output": tmp_path / "o.avi", "frames-dir": tmp_path / "frames"}
+    paths[where] = tmp_path / "afile" / "x.avi" if where == "output" else tmp_path / "afile" / "frames"
+    assert process_video.main(["--run", str(run), "--input", str(source), "--output", str(paths["output"]),
+                               "--frames-dir", str(paths["frames-dir"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "afile" in err[0]
+
+
+def test_the_scale_is_measured_on_a_small_crop_not_a_whole_frame(tmp_path, run, monkeypatch):
+    import dlas.inference
+
+    seen = []
+    load = dlas.inference.load_trained_network
+
+    def recording_load(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        loaded.network.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape)))
+        return loaded
+
+    monkeypatch.setattr(dlas.inference, "load_trained_network", recording_load)
+    source = tmp_path / "clip.avi"
+    write_clip(source, frames=2, size=96)
+    assert process_video.main(["--run", str(run), "--input", str(source), "--output", str(tmp_path / "o.avi"),
+                               "--batch", "2"]) == 0
+    assert seen == [(1, 3, 64, 64), (2, 3, 96, 96)]  # a 64-pixel probe, then the batch itself
+
+
+def test_writing_the_output_over_the_input_video_is_refused(tmp_path, run, capsys):
+    source = tmp_path / "clip.avi"
+    write_clip(source, frames=2)
+    before = source.read_bytes()
+    assert process_video.main(["--run", str(run), "--input", str(source), "--output", str(source)]) == 2
+    assert "overwrite" in capsys.readouterr().err and source.read_bytes() == before

@@ -46,12 +46,27 @@ def save_image(path: Union[str, Path], image: Union[torch.Tensor, np.ndarray]) -
     from dlas.data.image_file import write_image
 
     array = tensor_to_uint8(image) if isinstance(image, torch.Tensor) else image
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_image(str(path), array)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_image(str(path), array)
+    except OSError as exc:  # a file where a folder should be, a read-only disk, a full disk
+        raise DataError(f"cannot write the image: {exc.strerror or exc}; choose another output folder",
+                        str(path)) from exc
+
+
+def prepare_output_folder(path: Union[str, Path]) -> Path:
+    """Create the output folder ``path`` (a :class:`DataError` if that is impossible) and return it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create the output folder: {exc.strerror or exc}", str(path)) from exc
+    return path
 
 
 def list_images(path: Union[str, Path]) -> list[Path]:
-    """The image files of a folder (sorted, not recursive), or ``[path]`` for a single file."""
+    """The image files of a folder (sorted, not recursive; hidden files such as macOS ``._x.png`` stubs
+    skipped, as the datasets do), or ``[path]`` for a single file."""
     from dlas.data.image_file import is_image_file
 
     path = Path(path)
@@ -59,7 +74,7 @@ def list_images(path: Union[str, Path]) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError("no such file or folder", str(path))
-    files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p.name))
+    files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p.name) and not p.name.startswith("."))
     if not files:
         raise DataError("folder holds no image files (.png, .jpg, ...)", str(path))
     return files

@@ -125,13 +125,29 @@ def _match_references(inputs: list[Path], reference: str) -> dict[Path, Path]:
     return {p: by_stem[p.stem] for p in inputs}
 
 
+def _check_output_names(inputs: list[Path], references: dict[Path, Path], output_dir: Path) -> None:
+    """Refuse, before any work, outputs that would overwrite each other, an input or a reference image."""
+    by_stem: dict[str, Path] = {}
+    for path in inputs:
+        if path.stem in by_stem:
+            raise DataError(f"'{by_stem[path.stem].name}' and '{path.name}' would both be written as "
+                            f"{path.stem}.png; rename one", str(path.parent))
+        by_stem[path.stem] = path
+    protected = {p.resolve(): "input" for p in inputs} | {p.resolve(): "reference" for p in references.values()}
+    for stem in by_stem:
+        target = output_dir / f"{stem}.png"
+        if target.resolve() in protected:
+            raise ConfigError(f"the output {target} would overwrite its {protected[target.resolve()]} image; "
+                              "choose another --output folder", "--output")
+
+
 def upscale_folder(args: argparse.Namespace) -> int:
     """The ``--run`` mode: upscale ``--input`` into ``--output`` and optionally score it."""
     import torch
     from tqdm import tqdm
 
     from dlas.inference import (autocast_context, batch_forward, infer_scale, list_images, load_image,
-                                load_trained_network, run_network, save_image, select_device)
+                                load_trained_network, prepare_output_folder, run_network, save_image, select_device)
 
     if not args.input or not args.output:
         raise ConfigError("--run needs --input DIR|FILE and --output DIR", "arguments")
@@ -140,12 +156,14 @@ def upscale_folder(args: argparse.Namespace) -> int:
     check_tiling(args)
     inputs = list_images(args.input)
     references = _match_references(inputs, args.reference) if args.reference else {}
+    output_dir = Path(args.output)
+    _check_output_names(inputs, references, output_dir)
     device = select_device(args.device)
+    prepare_output_folder(output_dir)
     loaded = load_trained_network(args.run, args.network, args.step, args.best, args.ema, device)
     autocast = autocast_context(args.precision or "fp32", device)
     forwards = [batch_forward(loaded.network, t) for t in (args.temperature or [None])]
     print(f"{loaded.name} from {loaded.weights_file} (step {loaded.step}), {len(inputs)} image(s) -> {args.output}")
-    output_dir = Path(args.output)
     scale, scores = None, {}
     scorer = _Scorer(args.metrics or DEFAULT_METRICS, args.channel == "y", args.crop_border, args.lpips_net,
                      args.lpips_weights, device) if references else None
@@ -198,10 +216,14 @@ class _Scorer:
                             f"{out.shape[0]}; crop HR images to scale x the LQ size", str(reference_file))
         crop = scale if self.crop_border is None else self.crop_border
         values = {}
-        if "psnr" in self.metrics:
-            values["psnr"] = psnr(out, ref, crop, self.y_channel)
-        if "ssim" in self.metrics:
-            values["ssim"] = ssim(out, ref, crop, self.y_channel)
+        try:
+            if "psnr" in self.metrics:
+                values["psnr"] = psnr(out, ref, crop, self.y_channel)
+            if "ssim" in self.metrics:
+                values["ssim"] = ssim(out, ref, crop, self.y_channel)
+        except ValueError as exc:  # too small for the crop (or SSIM's 11x11 window)
+            raise DataError(f"cannot score this image: {exc}; lower --crop-border or leave out ssim",
+                            str(reference_file)) from exc
         if self.lpips is not None:
             values["lpips"] = self.lpips(out, ref)
         return values

@@ -111,8 +111,15 @@ def _read_16bit_color_png(path: str, fallback: np.ndarray) -> np.ndarray:
 
 
 def write_image(path: str, image: np.ndarray) -> None:
-    """Write a float RGB array in [0, 1] (or uint8 RGB) as an 8-bit file; the extension picks the format."""
+    """Write a float RGB array in [0, 1] (or uint8 RGB) as an 8-bit file; the extension picks the format.
+
+    Raises :class:`OSError` whose message says why (without the path) when the file cannot be written.
+    """
     if image.dtype != np.uint8:
         image = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-    if not cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write {path}")
+    try:
+        written = cv2.imwrite(path, cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    except cv2.error as exc:  # e.g. an extension OpenCV has no writer for
+        raise OSError(f"OpenCV cannot write it: {str(exc).strip().splitlines()[-1]}") from exc
+    if not written:  # OpenCV says no more: usually a folder of that name, a read-only or a full disk
+        raise OSError("OpenCV could not write the file (a folder of that name? a read-only or full disk?)")
