@@ -214,6 +214,15 @@ def test_paired_hq_without_lq_partner_is_a_config_error(pairs):
     assert error.value.problems[0].path == "hq_path" and "lq_suffix" in str(error.value)
 
 
+def test_paired_hq_files_sharing_a_stem_are_a_config_error_not_a_silent_wrong_pair(pairs):
+    lq_dir, hq_dir = pairs
+    (hq_dir / "other").mkdir()
+    save_rgb(hq_dir / "other" / "0001.png", 64, 48, seed=7)  # a different picture, no LQ of its own
+    with pytest.raises(ConfigError) as error:
+        build({"type": "paired_folder", "lq_path": str(lq_dir), "hq_path": str(hq_dir), "lq_suffix": "x4"})
+    assert error.value.problems[0].path == "hq_path" and "0001" in str(error.value)
+
+
 # ------------------------------------------------------------------ single_image
 def test_single_image_crops_hq_to_a_multiple_of_scale(tmp_path):
     save_rgb(tmp_path / "a.png", 77, 103)

@@ -94,9 +94,14 @@ def _match_pairs(lq_files: list[str], hq_files: list[str], lq_suffix: str) -> li
             raise ConfigError(f"two LQ files share the stem '{stem}': '{lq_by_stem[stem]}' and '{file}'; "
                               f"pairs are matched by stem, so stems must be unique", "lq_path")
         lq_by_stem[stem] = file
-    pairs, unmatched = [], []
+    pairs, unmatched, hq_by_stem = [], [], {}
     for file in hq_files:
-        lq = lq_by_stem.get(Path(file).stem)
+        stem = Path(file).stem
+        if stem in hq_by_stem:  # both would pair with the one LQ file of that stem: one pair would be wrong
+            raise ConfigError(f"two HQ files share the stem '{stem}': '{hq_by_stem[stem]}' and '{file}'; "
+                              f"pairs are matched by stem, so stems must be unique", "hq_path")
+        hq_by_stem[stem] = file
+        lq = lq_by_stem.get(stem)
         if lq is None:
             unmatched.append(file)
         else:
