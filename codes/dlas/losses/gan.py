@@ -11,7 +11,9 @@ Formulas, with r = D(real), f = D(fake) (logits) and BCE with logits:
 | wgan     | -mean(f)                                              | mean(f) - mean(r)                                  |
 
 (x' = x detached.) RaGAN follows BasicSR's ESRGAN model; the relativistic mean is taken over the batch (and
-over pixels for a per-pixel discriminator).
+over pixels for a per-pixel discriminator). With ``train.mega_batch_factor`` > 1 that batch is one micro-batch
+(batch_size / mega_batch_factor images), so RaGAN's means get noisier as the factor grows; the other types do
+not depend on it. Logits are converted to float32 before any of these formulas (bf16 autocast).
 """
 from __future__ import annotations
 
@@ -35,7 +37,10 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
 
 def generator_adversarial_loss(gan_type: str, d_fake: torch.Tensor, d_real: Optional[torch.Tensor] = None
                                ) -> torch.Tensor:
-    """The generator's loss from D's logits on fakes (and on reals, needed by ``ragan`` only)."""
+    """The generator's loss from D's logits on fakes (and on reals, needed by ``ragan`` only), in float32."""
+    # Under bf16 autocast D's logits are bf16; differences and means of them in bf16 lose the third digit.
+    d_fake = d_fake.float()
+    d_real = None if d_real is None else d_real.float()
     if gan_type == "vanilla":
         return _bce(d_fake, 1.0)
     if gan_type == "lsgan":
@@ -49,7 +54,8 @@ def generator_adversarial_loss(gan_type: str, d_fake: torch.Tensor, d_real: Opti
 
 
 def discriminator_adversarial_loss(gan_type: str, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-    """The discriminator's loss from its logits on real and on (already detached) fake images."""
+    """The discriminator's loss from its logits on real and on (already detached) fake images, in float32."""
+    d_real, d_fake = d_real.float(), d_fake.float()
     if gan_type == "vanilla":
         return _bce(d_real, 1.0) + _bce(d_fake, 0.0)
     if gan_type == "lsgan":
@@ -107,7 +113,8 @@ class GeneratorGanLoss(Loss):
     Options:
         discriminator: name of the discriminator network (under ``networks:``); it is not trained by this step.
         gan_type: ``vanilla`` (BCE; the DLAS recommendation), ``lsgan``, ``ragan`` (relativistic average, ESRGAN;
-            also runs D on ``real``), ``hinge`` or ``wgan``. Must match the discriminator_gan's.
+            also runs D on ``real``; its averages are over one micro-batch, so a large ``mega_batch_factor``
+            makes them noisy), ``hinge`` or ``wgan``. Must match the discriminator_gan's.
         real, fake: state keys of the real and the generated images.
         noise: std of gaussian noise added to D's inputs (e.g. 0.004 ~ 1/255, so D cannot spot fakes by their
             lack of 8-bit quantisation). Use the same value as the discriminator_gan.
