@@ -181,6 +181,31 @@ def test_sr_names_a_missing_network(tmp_path):
         build(network="enhancer")(context(tmp_path, Nearest(), PairDataset()))
 
 
+def test_sr_images_sharing_a_stem_get_distinct_files_whose_psnr_is_the_reported_one(tmp_path):
+    data = PairDataset(count=3)
+    data.items[0]["path"], data.items[2]["path"] = "/data/set_a/img.png", "/data/set_b/img.png"
+    ctx = context(tmp_path, Nearest(), data)
+    build(y_channel=False, metrics=["psnr"])(ctx)
+    per_image = json.loads((ctx.out_dir / "per_image.json").read_text())
+    assert len(per_image) == 3
+    for name, values in per_image.items():
+        saved = tensor_to_uint8(load_image(ctx.out_dir / f"{name}.png"))
+        hq = next(tensor_to_uint8(item["hq"]) for item in data.items
+                  if np.array_equal(tensor_to_uint8(Nearest()(item["lq"][None])[0]), saved))
+        assert values["psnr"] == pytest.approx(psnr(saved, hq, crop_border=2), abs=1e-12)
+
+
+def test_sr_images_too_small_for_the_crop_are_a_data_error_naming_the_image(tmp_path):
+    data = PairDataset(count=1, size=4)  # 8x8 HQ: SSIM's 11x11 window does not fit
+    with pytest.raises(DataError, match="img0.png"):
+        build()(context(tmp_path, Nearest(), data))
+
+
+def test_sr_a_network_of_another_scale_than_the_dataset_is_named_as_such(tmp_path):
+    with pytest.raises(DataError, match=r"x4.*x2"):
+        build()(context(tmp_path, Nearest(scale=4), PairDataset(scale=2)))
+
+
 def test_loss_evaluator_averages_each_loss_over_items_whatever_the_batch_size(tmp_path):
     data = PairDataset(count=5)
     seen = []

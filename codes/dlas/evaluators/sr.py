@@ -23,7 +23,8 @@ class SREvaluator(Evaluator):
     """Runs an SR network over every validation image (full size) and reports PSNR / SSIM (/ LPIPS).
 
     Each item of the dataset gives ``lq`` and ``hq`` (CHW in [0, 1]) and ``path``. The output is quantised to
-    uint8 exactly like the saved PNG, so the numbers are those of the files in ``out_dir/<stem>.png``.
+    uint8 exactly like the saved PNG, so the numbers are those of the files in ``out_dir/<stem>.png``
+    (``<stem>_<index>.png`` for a stem met before, e.g. ``a/001.png`` and ``b/001.png``).
     Reported: the mean of each metric, plus ``psnr_bicubic``, the PSNR of plain bicubic upscaling under the
     same convention (the baseline to beat: a model below it has not learnt anything yet).
     Also written: ``out_dir/metrics.json`` (means) and ``out_dir/per_image.json`` (every image's numbers;
@@ -113,16 +114,26 @@ class SREvaluator(Evaluator):
                 output = run_network(net, lq, scale, self.tile, self.tile_overlap)
             source = str(item.get("path", f"{index:05d}"))
             if output.shape[-2:] != hq.shape[-2:]:
+                net_scale = output.shape[-1] / lq.shape[-1]
+                hint = (f"the network upscales x{net_scale:g} but the dataset's HQ is x{scale} its LQ: set the "
+                        "dataset's scale to the network's" if net_scale != scale else
+                        "crop HQ images to a multiple of the scale")
                 raise DataError(f"network output {tuple(output.shape[-2:])} differs from the HQ image "
-                                f"{tuple(hq.shape[-2:])}; crop HQ images to a multiple of the scale", source)
+                                f"{tuple(hq.shape[-2:])}; {hint}", source)
             sr_image, hq_image = tensor_to_uint8(output[0]), tensor_to_uint8(hq)
-            values = self._score(sr_image, hq_image, scale, ctx.device)
+            try:
+                values = self._score(sr_image, hq_image, scale, ctx.device)
+            except ValueError as exc:  # too small for crop_border (or SSIM's 11x11 window)
+                raise DataError(f"cannot score this image: {exc}; lower eval crop_border, leave out ssim or use "
+                                "larger validation images", source) from exc
             if self._bicubic is None:
                 bicubic = F.interpolate(lq.float(), size=hq.shape[-2:], mode="bicubic", align_corners=False)
                 bicubic_sum += psnr(tensor_to_uint8(bicubic[0]), hq_image, self._crop(scale), self.y_channel)
             for name, value in values.items():
                 sums[name] += value
             stem = Path(source).stem
+            if stem in per_image:  # e.g. a/001.png and b/001.png: one file and one entry each
+                stem = f"{stem}_{index}"
             per_image[stem] = values
             if self.save_images:
                 save_image(ctx.out_dir / f"{stem}.png", sr_image)
