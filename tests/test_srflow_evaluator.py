@@ -136,3 +136,12 @@ def test_a_sample_that_diverges_is_counted_and_does_not_stop_evaluation(tmp_path
     metrics = _build(temperatures=[0.9])(_ctx(tmp_path, net, _items()))
     assert metrics["nonfinite_t0.9"] == 1.0
     assert "level 2/2, step 1/2 coupling" in caplog.text
+
+
+def test_images_sharing_a_stem_keep_their_own_files_and_numbers(tmp_path):
+    items = _items(count=2)
+    items[0]["path"], items[1]["path"] = "/data/a/img.png", "/data/b/img.png"
+    ctx = _ctx(tmp_path, _net(), items)
+    _build(temperatures=[0])(ctx)
+    per_image = json.loads((ctx.out_dir / "per_image.json").read_text())
+    assert len(per_image) == 2 and len(list(ctx.out_dir.glob("*.png"))) == 2

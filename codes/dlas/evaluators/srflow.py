@@ -56,7 +56,7 @@ class SRFlowEvaluator(Evaluator):
         2**L: at most one LQ pixel per side at x4 with L = 3).
       max_images: evaluate the first N images only (null: all).
       seed: seed of the noise and latents.
-      save_images: write each sample as ``<stem>_t<T>.png``.
+      save_images: write each sample as ``<stem>_t<T>.png`` (``<stem>_<index>_t<T>.png`` for a repeated stem).
       lpips_net / lpips_weights: as in the ``sr`` evaluator (``alex`` is SRFlow's).
     """
 
@@ -158,6 +158,8 @@ class SRFlowEvaluator(Evaluator):
             item = data[index]
             hq, lq = self._pair(item, flow, ctx.device)
             stem = Path(str(item.get("path", f"{index:05d}"))).stem
+            if stem in per_image:  # e.g. a/001.png and b/001.png: one set of files and one entry each
+                stem = f"{stem}_{index}"
             generator = torch.Generator(ctx.device).manual_seed(self.seed * 1_000_003 + index)
             values = self._score(flow, hq, lq, generator, ctx, stem)
             for name, value in values.items():
