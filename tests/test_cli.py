@@ -191,3 +191,25 @@ def test_validate_gives_the_trainers_graph_problems_their_lines(tmp_path, capsys
     assert f"error: steps.gen.losses.pix ({config}:15): reads state key 'gne'" in capsys.readouterr().err
     assert main(["-opt", str(config), "--validate", "steps.gen.losses.pix.fake=gen"]) == 0
     assert capsys.readouterr().out.startswith(f"config OK: {config}")
+
+
+def test_readme_plugin_example_works_from_the_working_folder(tmp_path):
+    # README "Writing a plugin": my_plugin.py in the working folder, `--import my_plugin` and `imports: [my_plugin]`.
+    (tmp_path / "my_plugin.py").write_text(
+        "import torch\nfrom dlas.registry import NETWORKS\n\n@NETWORKS.register('cli_test_tiny_sr')\n"
+        "class TinySR(torch.nn.Module):\n    '''A two-convolution upsampler.'''\n"
+        "    def __init__(self, nf: int = 32, scale: int = 4):\n        super().__init__()\n")
+    (tmp_path / "run.yml").write_text(f"base: {ROOT / TINY}\nimports: [config_components, my_plugin]\n"
+                                      "networks:\n  generator: !replace {type: cli_test_tiny_sr, nf: 48}\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "plugins"), str(ROOT / "codes")]))
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "codes" / "train.py"), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    described = train("--import", "my_plugin", "--describe", "cli_test_tiny_sr")
+    assert described.returncode == 0, described.stderr
+    assert "A two-convolution upsampler." in described.stdout
+    printed = train("-opt", "run.yml", "--print-config")
+    assert printed.returncode == 0, printed.stderr
+    assert yaml.safe_load(printed.stdout)["networks"]["generator"]["nf"] == 48

@@ -285,3 +285,38 @@ def test_a_relative_py_plugin_is_found_next_to_the_config_file(tmp_path):
     cfg = load_config(str(file))
     assert cfg["networks"]["generator"]["width"] == 3
     assert cfg["imports"] == ["config_components", "plugins/local_nets.py"]
+
+
+README_PLUGIN = ("from dlas.registry import NETWORKS\n\n@NETWORKS.register('{name}')\n"
+                 "class ReadmeNet:\n    '''A network from a plugin file named without .py.'''\n"
+                 "    def __init__(self, nf: int = 32):\n        self.nf = nf\n")
+
+
+def test_a_plugin_named_without_py_is_found_as_a_file_next_to_the_config(tmp_path, monkeypatch):
+    # README: `imports: [my_plugin]` with my_plugin.py beside it; the folder is on no sys.path.
+    write(tmp_path, "opts/readme_plugin_a.py", README_PLUGIN.format(name="config_test_readme_a"))
+    file = write(tmp_path, "opts/c.yml", f"base: {TINY}\nimports: [config_components, readme_plugin_a]\n"
+                                         "networks:\n  generator: !replace {type: config_test_readme_a, nf: 48}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(file))
+    assert cfg["networks"]["generator"]["nf"] == 48
+    # The file that was imported is recorded, so the run's own config.yml (and dlas-test) find it again.
+    assert cfg["imports"] == ["config_components", "opts/readme_plugin_a.py"]
+
+
+def test_a_plugin_named_without_py_is_found_in_the_working_folder(tmp_path, monkeypatch):
+    write(tmp_path, "readme_plugin_b.py", README_PLUGIN.format(name="config_test_readme_b"))
+    file = write(tmp_path, "opts/c.yml", f"base: {TINY}\n"
+                                         "networks:\n  generator: !replace {type: config_test_readme_b}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(file), imports=["readme_plugin_b"])
+    assert cfg["networks"]["generator"]["type"] == "config_test_readme_b"
+    assert cfg["imports"] == ["config_components", "readme_plugin_b.py"]
+
+
+def test_a_plugin_module_that_exists_nowhere_is_one_error(tmp_path):
+    file = write(tmp_path, "c.yml", f"base: {TINY}\nimports: [config_components, no_such_plugin_xyz]\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(file))
+    (problem,) = excinfo.value.problems
+    assert problem.path == "imports[1]" and "no_such_plugin_xyz" in problem.message

@@ -66,9 +66,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.list or args.describe:
+        from dlas.config.load import plugin_path
         from dlas.registry import import_plugins
 
-        import_plugins(args.imports, "--import")
+        import_plugins([plugin_path(m) for m in args.imports], "--import")
         if args.list:
             print(list_components(args.list))
         if args.describe:

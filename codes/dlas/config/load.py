@@ -1,6 +1,7 @@
 """``load_config``: file + bases -> plugin imports -> overrides -> schema and component checks -> :class:`Config`."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -70,15 +71,37 @@ def _import_plugins(data: dict, extra: list[str], folder: Path) -> list[str]:
     if not isinstance(listed, list) or not all(isinstance(m, str) for m in listed):
         raise ConfigError("expected a list of module names or .py files, e.g. imports: [my_plugins]", "imports")
     modules = list(dict.fromkeys(listed + extra))
-    import_plugins([_plugin_path(m, folder) for m in modules])
-    return modules
+    paths = [plugin_path(m, folder) for m in modules]
+    import_plugins(paths)
+    # A module name that was found as a file is recorded as that file, so the run's config.yml finds it again.
+    return list(dict.fromkeys(p if p != m and not m.endswith(".py") else m for m, p in zip(modules, paths)))
 
 
-def _plugin_path(module: str, folder: Path) -> str:
-    """A relative ``.py`` plugin path is looked up next to the config file first, then in the working folder."""
-    if module.endswith(".py") and not Path(module).is_absolute() and (folder / module).is_file():
-        return display_name(folder / module)
+def plugin_path(module: str, folder: Optional[Path] = None) -> str:
+    """What to import for a plugin entry: a ``.py`` path or a module name, looked up the way users expect.
+
+    A relative ``.py`` path is looked up next to the config file (``folder``) first, then in the working folder.
+    A plain module name that Python cannot import (``my_plugin`` while neither the config's folder nor the
+    working folder is on ``sys.path``) is taken as ``my_plugin.py`` found in those same two places.
+    """
+    if module.endswith(".py"):
+        if folder is not None and not Path(module).is_absolute() and (folder / module).is_file():
+            return display_name(folder / module)
+        return module
+    if not module.isidentifier() or _importable(module):
+        return module
+    for place in ([folder] if folder is not None else []) + [Path.cwd()]:
+        file = place / f"{module}.py"
+        if file.is_file():
+            return display_name(file)
     return module
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def dump_config(cfg: dict) -> str:
