@@ -24,14 +24,22 @@ from dlas.weights import extract_state_dict, load_network_weights, read_weights_
 
 
 def parse_network_options(extra: list[str]) -> dict:
-    """``["--nb", "23", "--scale", "2"]`` -> ``{"nb": 23, "scale": 2}`` (values parsed as YAML)."""
+    """``["--nb", "23", "--scale", "2"]`` -> ``{"nb": 23, "scale": 2}`` (values parsed as YAML).
+
+    Raises ValueError with a one-line reason for anything else.
+    """
     options = {}
     if len(extra) % 2:
-        raise SystemExit(f"network options come in '--name value' pairs, got {' '.join(extra)}")
+        raise ValueError(f"network options come in '--name value' pairs, got {' '.join(extra)}")
     for flag, value in zip(extra[::2], extra[1::2]):
         if not flag.startswith("--"):
-            raise SystemExit(f"expected a --name before '{flag}'")
-        options[flag[2:].replace("-", "_")] = yaml.safe_load(value)
+            raise ValueError(f"network options come in '--name value' pairs: expected a --name before '{flag}'")
+        try:
+            options[flag[2:].replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            reason = str(exc).splitlines()[0]
+            raise ValueError(f"network options come in '--name value' pairs with YAML values: {flag} {value!r} "
+                             f"is not valid YAML ({reason})") from exc
     return options
 
 
@@ -44,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     try:
         if args.network:
-            net = NETWORKS.build({"type": args.network, **parse_network_options(extra)}, path="network")
+            try:
+                options = parse_network_options(extra)
+            except ValueError as error:
+                parser.error(str(error))  # exit code 2, like every bad argument
+            net = NETWORKS.build({"type": args.network, **options}, path="network")
             report = load_network_weights(net, args.input, strict=not args.lenient)
             save_network_weights(net, args.output)
             print(f"{args.input} -> {args.output} ({args.network}): {report.summary()}")

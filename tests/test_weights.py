@@ -245,6 +245,17 @@ def test_convert_weights_script_exits_2_on_a_mismatch(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+@pytest.mark.parametrize("options", [["--nb"], ["nb", "2"], ["--nb", "[1"]], ids=["no_value", "no_dashes", "bad_yaml"])
+def test_convert_weights_script_exits_2_on_malformed_network_options(tmp_path, options):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "convert_weights.py"), str(tmp_path / "in.pth"),
+         str(tmp_path / "out.safetensors"), "--network", "rrdbnet", *options],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "--name value" in result.stderr
+
+
 def test_x2_models_unshuffle_pixels_in_real_esrgan_channel_order():
     def basicsr_pixel_unshuffle(x, scale):  # Real-ESRGAN's formula, which its x2 weights were trained with
         b, c, h, w = x.shape
