@@ -264,3 +264,26 @@ def test_an_image_too_small_to_score_is_exit_2_naming_it(tmp_path, capsys):
                  "--metrics", "--reference", str(tmp_path / "ref")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "im0.png" in err[0] and "--crop-border" in err[0]
+
+
+def test_references_up_to_scale_minus_one_pixels_larger_are_cropped_like_basicsr_mod_crop(run_and_inputs):
+    run, images, tmp = run_and_inputs
+    rng = np.random.default_rng(5)
+    refs = [rng.integers(0, 256, (25, 29, 3), dtype=np.uint8) for _ in images]  # LQ 12x14, x2: 24x28 + 1 px
+    for i, ref in enumerate(refs):
+        save_image(tmp / "hr" / f"im{i}.png", ref)
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out"),
+                 "--metrics", "psnr", "--reference", str(tmp / "hr")]) == 0
+    scores = json.loads((tmp / "out" / "metrics.json").read_text())["images"]
+    for i, ref in enumerate(refs):
+        out = tensor_to_uint8(load_image(tmp / "out" / f"im{i}.png"))
+        assert scores[f"im{i}"]["psnr"] == pytest.approx(psnr_of(out, ref[:24, :28]), abs=1e-9)
+    save_image(tmp / "hr" / "im0.png", np.zeros((26, 28, 3), np.uint8))  # a whole scale step larger: wrong pair
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out"),
+                 "--metrics", "psnr", "--reference", str(tmp / "hr")]) == 2
+
+
+def psnr_of(out, ref):
+    from dlas.metrics import psnr
+
+    return psnr(out, ref, crop_border=2, y_channel=True)

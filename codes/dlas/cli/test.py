@@ -211,9 +211,14 @@ class _Scorer:
 
         out = tensor_to_uint8(output)
         ref = tensor_to_uint8(load_image(reference_file))
+        if all(o <= r < o + scale for o, r in zip(out.shape[:2], ref.shape[:2])):
+            # An HR side that is not a multiple of the scale (LQ = floor(HR / scale)): drop its bottom/right
+            # remainder, as BasicSR's mod_crop and the GTmod12 benchmark files do.
+            ref = ref[: out.shape[0], : out.shape[1]]
         if out.shape != ref.shape:
             raise DataError(f"reference is {ref.shape[1]}x{ref.shape[0]} but the output is {out.shape[1]}x"
-                            f"{out.shape[0]}; crop HR images to scale x the LQ size", str(reference_file))
+                            f"{out.shape[0]}; the reference must be scale x the LQ size (a remainder below "
+                            "the scale is cropped)", str(reference_file))
         crop = scale if self.crop_border is None else self.crop_border
         values = {}
         try:
