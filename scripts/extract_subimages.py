@@ -68,8 +68,11 @@ def extract(job: tuple[str, str, str, int, int, int, str, int]) -> tuple[str, in
                 continue
             tile = np.ascontiguousarray(image[top:top + crop, left:left + crop])
             temporary = os.path.join(output, f".{stem}_s{index:03d}.tmp{os.getpid()}{ext}")
-            if not cv2.imwrite(temporary, tile, params):
-                return path, written, present, f"could not write {target}"
+            try:
+                if not cv2.imwrite(temporary, tile, params):
+                    return path, written, present, f"could not write {target}"
+            except cv2.error as exc:  # e.g. --ext same on a format OpenCV cannot write
+                return path, written, present, f"could not write {target}: {str(exc).strip().splitlines()[-1]}"
             os.replace(temporary, target)
             written += 1
     return path, written, present, ""
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"--crop and --step must be positive, got {args.crop} and {args.step}")
     if args.thresh_size < 0 or args.workers < 1 or not 0 <= args.compression <= 9:
         problems.append("--thresh-size must be >= 0, --workers >= 1 and --compression 0-9")
+    if args.ext != "same" and not cv2.haveImageWriter("tile." + args.ext.lstrip(".")):
+        problems.append(f"OpenCV cannot write '--ext {args.ext}' files; use png (lossless), jpg, webp, tif or same")
     if problems:
         print(f"extract_subimages: {'; '.join(problems)}", file=sys.stderr)
         return 2
@@ -105,13 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     if not files:
         print(f"extract_subimages: no images in '{args.input}'", file=sys.stderr)
         return 2
-    os.makedirs(args.output, exist_ok=True)
-    jobs = []
+    jobs, source_of, clashes = [], {}, []
     for file in files:
         # Files of sub-folders get their folder in the tile name, so equal stems cannot collide.
         stem = os.path.splitext(os.path.relpath(file, args.input))[0].replace(os.sep, "_")
         ext = os.path.splitext(file)[1].lower() if args.ext == "same" else "." + args.ext.lstrip(".").lower()
+        if (stem, ext) in source_of:  # the second image's tiles would be taken for the first's, "already present"
+            clashes.append(f"'{source_of[stem, ext]}' and '{file}' (tiles {stem}_sNNN{ext})")
+        source_of[stem, ext] = file
         jobs.append((file, args.output, stem, args.crop, args.step, args.thresh_size, ext, args.compression))
+    if clashes:
+        print(f"extract_subimages: images that would give the same tile names, rename one of each pair: "
+              f"{'; '.join(clashes[:5])}{' ...' if len(clashes) > 5 else ''}", file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as exc:
+        print(f"extract_subimages: cannot create the output folder '{args.output}': {exc.strerror or exc}",
+              file=sys.stderr)
+        return 2
     written = present = 0
     failures = []
     with Pool(args.workers) as pool:

@@ -77,6 +77,28 @@ def test_extract_subimages_missing_input_exits_2_with_one_line(tmp_path):
     assert "nowhere" in result.stderr
 
 
+@pytest.mark.parametrize("extra", [[], ["--ext", "xyz"]])
+def test_extract_subimages_an_unwritable_output_or_unknown_format_exits_2_with_one_line(tmp_path, extra):
+    (tmp_path / "in").mkdir()
+    save_rgb(tmp_path / "in" / "photo.png", 40, 40)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    output = tmp_path / ("out" if extra else "afile")
+    result = run("extract_subimages.py", tmp_path / "in", output, "--crop", 32, "--workers", 1, *extra, cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ("xyz" if extra else "afile") in result.stderr
+
+
+def test_extract_subimages_refuses_two_images_that_would_give_the_same_tile_names(tmp_path):
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    save_rgb(tmp_path / "in" / "photo.png", 40, 40)
+    save_rgb(tmp_path / "in" / "photo.jpg", 40, 40, seed=1)  # would be skipped as "already present"
+    save_rgb(tmp_path / "in" / "a" / "b.png", 40, 40)
+    save_rgb(tmp_path / "in" / "a_b.png", 40, 40)
+    result = run("extract_subimages.py", tmp_path / "in", tmp_path / "out", "--crop", 32, "--workers", 1,
+                 cwd=tmp_path)
+    assert result.returncode == 2 and "photo.jpg" in result.stderr and "a_b.png" in result.stderr
+
+
 # ------------------------------------------------------------------ check_images
 def test_check_images_reports_each_problem_and_exits_1(tmp_path):
     folder = tmp_path / "data"
