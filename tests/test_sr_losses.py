@@ -245,6 +245,22 @@ def test_perceptual_loads_torchvision_vgg19_weights(tmp_path):
     assert torch.equal(loss.vgg[2].weight, state["features.2.weight"])
 
 
+def test_perceptual_conv5_4_is_torchvision_vgg19_features_34_before_its_relu(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    reference = torchvision.models.vgg19().features.eval()
+    torch.save({f"features.{k}": v for k, v in reference.state_dict().items()}, tmp_path / "vgg19.pth")
+    loss = LOSSES.build({"type": "perceptual", "layer": "conv5_4", "weights_path": str(tmp_path / "vgg19.pth")})
+    assert list(loss.layer_weights) == [34] and len(loss.vgg) == 35
+    image = torch.rand(1, 3, 32, 32)
+    normalised = (image - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / \
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = reference[:35](normalised)
+        assert torch.allclose(loss.features(image)[34], expected, atol=1e-5)
+        assert expected.min() < 0  # before the ReLU
+
+
 def test_perceptual_missing_weights_name_the_file_place_and_url(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     with pytest.raises(ConfigError) as error:

@@ -48,7 +48,8 @@ class PerceptualLoss(Loss):
 
     Inputs are RGB in [0, 1]; they are normalised with the ImageNet mean/std before the frozen VGG19 (eval mode,
     no gradients to its weights; gradients flow to ``fake``). Only the layers up to the deepest requested one are
-    built, so ``conv5_4`` costs 35 of 37 feature layers while ``conv2_2`` is ~10x cheaper.
+    built, so ``conv5_4`` costs 35 of 37 feature layers (19.5 GMAC per 224x224 image) while ``conv2_2`` takes 8
+    (4.7 GMAC, ~4x cheaper).
 
     Options:
         layers: ``{layer: weight}``, e.g. ``{conv5_4: 1.0}`` or ``{conv3_4: 0.5, conv5_4: 1.0}``. Layer names are

@@ -60,7 +60,8 @@ def adam(params: NamedParams, lr: float = 1e-4, betas: tuple[float, float] = (0.
     """Adam (``torch.optim.Adam``).
 
     Options:
-      lr: learning rate; the SR recipes use 2e-4 for PSNR pre-training and 1e-4 for GANs.
+      lr: learning rate; the SR recipes use 2e-4 for PSNR pre-training, and 1e-4 (published ESRGAN, SRGAN) or
+        2e-4 (``esrgan_x4``) for GANs.
       betas: decay rates of the gradient's running mean and square; the SR recipes use [0.9, 0.99].
       eps: added to the root of the running square, for stability.
       weight_decay: L2 penalty added to the gradient (coupled with the adaptive scaling; for decoupled decay use

@@ -73,7 +73,7 @@ class RRDBNet(nn.Module):
     Options:
         in_nc: input channels (3 for RGB).
         out_nc: output channels.
-        nf: trunk features (64 in ESRGAN; 32 with nb=6 for a ~10x cheaper model).
+        nf: trunk features (64 in ESRGAN; 32 with nb=6 gives a ~6x cheaper model: 2.5M parameters).
         nb: number of RRDB blocks (23 in ESRGAN: 16.7M parameters; each block costs ~0.72M at nf=64, gc=32).
         gc: growth channels of the dense blocks (32).
         scale: 1, 2, 4 or 8. For 1 and 2 the input is pixel-unshuffled (x4 / x2) first, as in Real-ESRGAN, so the
