@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print("preview_degradations: -n must be at least 1", file=sys.stderr)
         return 2
     cfg: Any = {}
+    out: Any = args.out
     try:
         cfg = load_config(args.opt, args.overrides)
         dataset = build_dataset(cfg, args.dataset)
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         problems = cfg.attach_lines(exc.problems) if hasattr(cfg, "attach_lines") else exc.problems
         for problem in problems:
             print(f"preview_degradations: {problem}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output folder cannot be created or written
+        print(f"preview_degradations: cannot write '{exc.filename or out}': {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.n} LQ/HQ pairs of dataset '{args.dataset}' to {out}")
     if getattr(dataset, "bad_count", 0):

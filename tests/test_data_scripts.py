@@ -183,6 +183,14 @@ def test_preview_bad_degradation_exits_2_naming_the_key(tmp_path, preview_config
     assert "datasets.train.degradations[2].type" in result.stderr and "jpeg" in result.stderr
 
 
+def test_preview_an_unwritable_output_exits_2_with_one_line(tmp_path, preview_config):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    result = run("preview_degradations.py", "-opt", preview_config, "-n", 1, "--out", tmp_path / "afile" / "out",
+                 cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "afile" in result.stderr
+
+
 # ------------------------------------------------------------------ throughput bench
 def test_throughput_bench_prints_a_table(tmp_path):
     result = run("bench/data_throughput.py", "--samples", 4, "--batch-size", 2, "--workers", 0,
