@@ -273,12 +273,15 @@ class SRFlow(nn.Module):
         """Latents (as ``encode`` returns them) -> HR image, not clamped. Keeps gradients if they are enabled.
 
         After every layer the activations are checked: NaN/Inf raises :class:`NonFiniteError` naming the level,
-        step and layer, unless ``reverse_clamp`` is set, which clamps them instead.
+        step and layer where it first appeared, unless ``reverse_clamp`` is set, which clamps them instead. The
+        checks are read once, at the end of the pass (one host sync instead of one per layer).
         """
         if len(latents) != self.L:
             raise ValueError(f"srflow reverse needs {self.L} latents (one per level), got {len(latents)}")
         conditions = self.conditions(lq)
         x = latents[-1]
+        finite: list[torch.Tensor] = []
+        where: list[str] = []
         with _full_precision(x):
             for i in reversed(range(self.L)):
                 level, cond = self.levels[i], conditions[i].to(x.dtype)
@@ -286,17 +289,19 @@ class SRFlow(nn.Module):
                     x = torch.cat([x, latents[i].to(x.dtype)], dim=1)
                 for name, layer in reversed(level.named_layers()):
                     x = layer.reverse(x, cond)
-                    x = self._guard(x, f"level {i + 1}/{self.L}, {name}")
-        return x
-
-    def _guard(self, x: torch.Tensor, where: str) -> torch.Tensor:
-        if self.reverse_clamp is not None:
-            c = self.reverse_clamp
-            return torch.nan_to_num(x, nan=0.0, posinf=c, neginf=-c).clamp(-c, c)
-        if not torch.isfinite(x).all():
-            raise NonFiniteError(f"srflow reverse pass produced NaN/Inf at {where}; the LR image or latents are "
-                                 "probably far from the training data: lower the temperature or set reverse_clamp "
-                                 "(e.g. 1000) to clamp instead")
+                    if self.reverse_clamp is not None:
+                        c = self.reverse_clamp
+                        x = torch.nan_to_num(x, nan=0.0, posinf=c, neginf=-c).clamp(-c, c)
+                    else:
+                        finite.append(torch.isfinite(x).all())
+                        where.append(f"level {i + 1}/{self.L}, {name}")
+        if finite:
+            flags = torch.stack(finite)
+            if not bool(flags.all()):
+                first = int((~flags).nonzero()[0, 0])
+                raise NonFiniteError(f"srflow reverse pass produced NaN/Inf at {where[first]}; the LR image or "
+                                     "latents are probably far from the training data: lower the temperature or set "
+                                     "reverse_clamp (e.g. 1000) to clamp instead")
         return x
 
     @torch.no_grad()
