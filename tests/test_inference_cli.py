@@ -183,6 +183,49 @@ def test_opt_mode_runs_the_evaluators_of_a_test_config(tmp_path, capsys):
     assert "sr/psnr" in capsys.readouterr().out
 
 
+def opt_mode_files(tmp_path) -> dict:
+    """Paired images, generator weights and the sections of a test config using them."""
+    hq = make_images(tmp_path / "hq", count=2, size=24)
+    for i, image in enumerate(hq):
+        save_image(tmp_path / "lqp" / f"im{i}.png", image[::2, ::2])
+    from safetensors.torch import save_file
+    save_file({"conv.weight": torch.zeros(3, 3, 3, 3), "conv.bias": torch.zeros(3)}, str(tmp_path / "g.safetensors"))
+    return {"name": "t", "imports": ["eval_nets"], "networks": {"generator": {"type": "eval_tiny_sr", "scale": 2}},
+            "datasets": {"val": {"type": "paired_folder", "lq_path": str(tmp_path / "lqp"),
+                                 "hq_path": str(tmp_path / "hq"), "scale": 2, "target_size": None,
+                                 "use_flip": False, "use_rot": False}},
+            "eval": {"sr": {"type": "sr", "metrics": ["psnr"]}},
+            "path": {"pretrain_model_generator": str(tmp_path / "g.safetensors")}}
+
+
+def test_opt_mode_follows_base_files(tmp_path, capsys):
+    cfg = opt_mode_files(tmp_path)
+    evals = cfg.pop("eval")
+    (tmp_path / "base.yml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({"base": "base.yml", "eval": evals}))
+    assert main(["-opt", str(tmp_path / "test.yml"), "--output", str(tmp_path / "res")]) == 0, capsys.readouterr().err
+    assert "sr/psnr" in json.loads((tmp_path / "res" / "metrics.json").read_text())
+
+
+def test_opt_mode_needs_weights_only_for_the_networks_its_evaluators_run(tmp_path, capsys):
+    cfg = opt_mode_files(tmp_path)  # a training config reused: its discriminator has no weights and isn't evaluated
+    cfg["networks"]["discriminator"] = {"type": "eval_tiny_sr", "scale": 1}
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(cfg))
+    assert main(["-opt", str(tmp_path / "test.yml"), "--output", str(tmp_path / "res")]) == 0, capsys.readouterr().err
+    cfg["eval"]["sr"]["network"] = "discriminator"
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(cfg))
+    assert main(["-opt", str(tmp_path / "test.yml"), "--output", str(tmp_path / "res")]) == 2
+    assert "path.pretrain_model_discriminator" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--input", "x"], ["--tile", "64"], ["--reference", "x"], ["--step", "5"]])
+def test_opt_mode_rejects_options_that_only_the_run_mode_uses(tmp_path, capsys, option):
+    cfg = opt_mode_files(tmp_path)
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(cfg))
+    assert main(["-opt", str(tmp_path / "test.yml"), *option]) == 2
+    assert option[0] in capsys.readouterr().err
+
+
 def test_codes_test_py_runs_from_a_checkout_and_exits_2_on_bad_input(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO / "tests" / "plugins")}
     result = subprocess.run([sys.executable, str(REPO / "codes" / "test.py"), "--run", str(tmp_path / "nope"),

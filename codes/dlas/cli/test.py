@@ -256,39 +256,47 @@ def _print_table(scores: dict[str, dict[str, float]], convention: str) -> dict[s
 def evaluate_config(args: argparse.Namespace) -> int:
     """The ``-opt`` mode: run every evaluator of a test config once; print and write the metrics."""
     import torch
-    import yaml
 
     from dlas import load_network_weights
+    from dlas.config.inherit import load_with_bases, strip_replace
     from dlas.evaluators.base import EvalContext
     from dlas.inference import autocast_context, build_network, select_device
     from dlas.registry import import_plugins
     from dlas.trainer.run import build_datasets, build_evaluators
 
+    used = [option for option, value in (("--input", args.input), ("--reference", args.reference),
+                                         ("--metrics", args.metrics), ("--tile", args.tile), ("--step", args.step),
+                                         ("--best", args.best), ("--network", args.network),
+                                         ("--temperature", args.temperature)) if value not in (None, False)]
+    if used:  # the config's eval: section says what to run; these would be silently ignored
+        raise ConfigError(f"{', '.join(used)} only apply with --run; with -opt, set them in the config's eval: "
+                          "section", used[0])
     file = Path(args.opt)
     if not file.is_file():
         raise ConfigError("config file does not exist", str(file))
-    try:
-        cfg = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"unreadable YAML: {exc}", str(file)) from exc
+    cfg = strip_replace(load_with_bases(file)[0])  # base: files as in training configs
     import_plugins(cfg.get("imports") or [])
     if not cfg.get("eval"):
         raise ConfigError("a test config needs an 'eval:' section (e.g. {sr: {type: sr}})", "eval")
     device = select_device(args.device if args.device != "auto" else str(cfg.get("device", "auto")))
     paths = cfg.get("path") or {}
+    datasets = build_datasets(cfg)
+    evaluators = build_evaluators(cfg)
+    # Evaluators name the networks they run; the others (a reused training config's discriminator) need no weights.
+    evaluated = {getattr(e, "network_name", None) for e in evaluators.values()}
     networks = {}
     for name in cfg.get("networks") or {}:
-        net = build_network(cfg, name, f"networks.{name}")
         weights = paths.get(f"pretrain_model_{name}")
+        if not weights and name not in evaluated:
+            continue
         if not weights:
             raise ConfigError(f"no weights for network '{name}': set path.pretrain_model_{name}: FILE",
                               f"path.pretrain_model_{name}")
+        net = build_network(cfg, name, f"networks.{name}")
         if not Path(weights).is_file():
             raise DataError("weights file does not exist", str(weights))
         load_network_weights(net, weights, strict=paths.get("strict_load", True))
         networks[name] = net.to(device).eval()
-    datasets = build_datasets(cfg)
-    evaluators = build_evaluators(cfg)
     root = Path(args.output or paths.get("results") or Path("results") / str(cfg.get("name", file.stem)))
     autocast = autocast_context(args.precision or cfg.get("precision", "fp32"), device)
     metrics: dict[str, float] = {}
