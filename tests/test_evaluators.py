@@ -206,6 +206,16 @@ def test_sr_a_network_of_another_scale_than_the_dataset_is_named_as_such(tmp_pat
         build()(context(tmp_path, Nearest(scale=4), PairDataset(scale=2)))
 
 
+def test_sr_non_finite_outputs_are_warned_about_naming_the_image(tmp_path, caplog):
+    class Diverged(Nearest):
+        def forward(self, x):
+            return super().forward(x) * float("nan")
+
+    with caplog.at_level("WARNING", logger="dlas"):
+        build(metrics=["psnr"])(context(tmp_path, Diverged(), PairDataset(count=2)))
+    assert "img0" in caplog.text and "img1" in caplog.text and "non-finite" in caplog.text
+
+
 def test_loss_evaluator_averages_each_loss_over_items_whatever_the_batch_size(tmp_path):
     data = PairDataset(count=5)
     seen = []

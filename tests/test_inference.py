@@ -136,3 +136,4 @@ def test_save_image_into_an_unwritable_place_is_a_data_error_naming_the_file(tmp
     (tmp_path / "taken.png").mkdir()  # a folder where the image should go: OpenCV's imwrite fails
     with pytest.raises(DataError, match="taken.png"):
         save_image(tmp_path / "taken.png", np.zeros((4, 4, 3), np.uint8))
+

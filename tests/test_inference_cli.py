@@ -330,3 +330,11 @@ def psnr_of(out, ref):
     from dlas.metrics import psnr
 
     return psnr(out, ref, crop_border=2, y_channel=True)
+
+
+def test_non_finite_outputs_are_warned_about_naming_the_image(tmp_path, capsys):
+    run = make_run(tmp_path, bias_of_step=lambda s: float("nan"))  # e.g. an fp16 overflow
+    make_images(tmp_path / "lq", count=1)
+    assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "im0" in err and "non-finite" in err

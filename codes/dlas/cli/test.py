@@ -176,6 +176,10 @@ def upscale_folder(args: argparse.Namespace) -> int:
             for forward in forwards:
                 output = run_network(forward, lq, scale, args.tile, args.tile_overlap)
                 outputs.append(output.float().clamp(0, 1)[0].cpu())
+        nonfinite = sum(int((~torch.isfinite(output)).sum()) for output in outputs)
+        if nonfinite:  # saved as black pixels: say so rather than leave a silently broken image
+            print(f"warning: {path.name}: {nonfinite} non-finite output values (NaN/Inf, written as black); the "
+                  "network overflowed or diverged (try --precision fp32)", file=sys.stderr)
         save_image(output_dir / f"{path.stem}.png", torch.cat(outputs, dim=-1))
         if scorer:
             for temperature, output in zip(args.temperature or [None], outputs):

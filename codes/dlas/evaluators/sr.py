@@ -1,6 +1,7 @@
 """Super-resolution validation: upscale each validation image, score it against its HQ image, save it."""
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Literal, Optional
@@ -14,6 +15,8 @@ from dlas.evaluators.base import EvalContext, Evaluator, write_json
 from dlas.inference import run_network, save_image, tensor_to_uint8
 from dlas.metrics import psnr, ssim
 from dlas.registry import EVALUATORS
+
+log = logging.getLogger(__name__)
 
 Metric = Literal["psnr", "ssim", "lpips"]
 
@@ -120,6 +123,10 @@ class SREvaluator(Evaluator):
                         "crop HQ images to a multiple of the scale")
                 raise DataError(f"network output {tuple(output.shape[-2:])} differs from the HQ image "
                                 f"{tuple(hq.shape[-2:])}; {hint}", source)
+            nonfinite = int((~torch.isfinite(output)).sum())
+            if nonfinite:  # scored (and saved) as black pixels: make the cause visible
+                log.warning("sr evaluator: %s: %d non-finite output values (NaN/Inf, scored as black); the network "
+                            "diverged or overflowed", source, nonfinite)
             sr_image, hq_image = tensor_to_uint8(output[0]), tensor_to_uint8(hq)
             try:
                 values = self._score(sr_image, hq_image, scale, ctx.device)
