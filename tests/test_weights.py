@@ -165,6 +165,21 @@ def test_lenient_load_takes_what_fits_and_reports_the_rest(tmp_path):
     assert "1 missing" in report.summary() and "1 with another shape" in report.summary()
 
 
+def test_batchnorm_files_from_before_num_batches_tracked_load_strictly(tmp_path):
+    # PyTorch < 0.4.1 (the first ESRGAN-era files) saved BatchNorm without num_batches_tracked; torch's own
+    # strict load_state_dict accepts such files and so must we.
+    torch.manual_seed(0)
+    source = NETWORKS.build({"type": "vgg_discriminator", "nf": 8, "norm": "batch"})
+    with torch.no_grad():
+        source.bn1_0.running_mean.uniform_()
+    old = {k: v for k, v in source.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"params": old}, tmp_path / "netD.pth")
+    target = NETWORKS.build({"type": "vgg_discriminator", "nf": 8, "norm": "batch"})
+    report = load_network_weights(target, tmp_path / "netD.pth")
+    assert report.complete and report.loaded == len(old)
+    assert torch.equal(target.bn1_0.running_mean, source.bn1_0.running_mean)
+
+
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -162,7 +162,8 @@ def load_network_weights(net: nn.Module, path: PathLike, strict: bool = True) ->
         state = net.convert_state_dict(state)
     own = net.state_dict()
     report = LoadReport()
-    report.missing = [k for k in own if k not in state]
+    # BatchNorm files from before PyTorch 0.4.1 have no step counter; torch fills it in, as its own strict load does.
+    report.missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     report.unexpected = [k for k in state if k not in own]
     report.mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
                          if k in own and tuple(v.shape) != tuple(own[k].shape)]
