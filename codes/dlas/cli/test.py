@@ -60,7 +60,9 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_tiling(args: argparse.Namespace) -> None:
     """A ConfigError for a --tile / --tile-overlap pair that cannot work."""
-    if args.tile is not None and (args.tile < 1 or not 0 <= args.tile_overlap <= args.tile // 2):
+    if args.tile is not None and args.tile < 1:
+        raise ConfigError(f"--tile must be at least 1 (LQ pixels per tile side), got {args.tile}", "--tile")
+    if args.tile is not None and not 0 <= args.tile_overlap <= args.tile // 2:
         raise ConfigError(f"--tile-overlap must be between 0 and tile/2, got tile {args.tile}, overlap "
                           f"{args.tile_overlap}", "--tile-overlap")
 
