@@ -151,6 +151,16 @@ def test_metrics_reject_mismatched_shapes():
         psnr(random_image(20, (16, 16, 3)), random_image(21, (16, 17, 3)))
 
 
+@pytest.mark.parametrize("shape", [(3, 16, 16), (16, 16, 4)])
+def test_y_channel_on_something_other_than_hwc_rgb_is_an_error_not_a_silent_rgb_number(shape):
+    # a CHW array (a tensor's layout) or RGBA would otherwise be scored channel by channel, silently not on Y
+    a = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    with pytest.raises(ValueError, match="y_channel"):
+        psnr(a, a // 2, y_channel=True)
+    with pytest.raises(ValueError, match="y_channel"):
+        ssim(a, a // 2, y_channel=True)
+
+
 # ---------------------------------------------------------------- LPIPS
 def test_lpips_without_backbone_weights_names_the_file_and_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))

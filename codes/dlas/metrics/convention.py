@@ -24,11 +24,15 @@ def prepare_pair(a: np.ndarray, b: np.ndarray, crop_border: int, y_channel: bool
     """Apply the BasicSR evaluation convention to a pair of RGB images; return float64 HxWxC arrays.
 
     ``crop_border`` pixels are removed from each of the four edges (published x4 tables use 4), then, when
-    ``y_channel`` is set, each 3-channel image is reduced to its MATLAB BT.601 luma.
+    ``y_channel`` is set, each 3-channel image is reduced to its MATLAB BT.601 luma (a 1-channel image is used
+    as it is, as BasicSR does; any other channel count is a ValueError).
     """
     a, b = as_hwc(a, "a"), as_hwc(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+    if y_channel and a.shape[2] not in (1, 3):  # else a CHW array or RGBA would be scored per channel, not on Y
+        raise ValueError(f"y_channel needs HxWx3 RGB (or HxW grey) images, got shape {a.shape}; convert CHW "
+                         "tensors with dlas.inference.tensor_to_uint8 and drop alpha first")
     if crop_border < 0:
         raise ValueError(f"crop_border must be >= 0, got {crop_border}")
     if crop_border:
