@@ -198,3 +198,10 @@ def test_throughput_bench_prints_a_table(tmp_path):
     assert result.returncode == 0, result.stderr
     row = result.stdout.strip().splitlines()[-1].split()
     assert row[0] == "bicubic" and float(row[1]) > 0 and row[2] == "/s"
+
+
+@pytest.mark.parametrize("bad", [["--paths", "nowhere"], ["--degradations", "bicubc"]])
+def test_throughput_bench_bad_data_or_preset_exits_2_with_one_line(tmp_path, bad):
+    result = run("bench/data_throughput.py", "--samples", 2, "--batch-size", 1, "--workers", 0, *bad, cwd=tmp_path)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert bad[1] in result.stderr

@@ -17,6 +17,7 @@ import tempfile
 import time
 
 from dlas.data.sampler import build_loader
+from dlas.errors import UserError
 from dlas.registry import DATASETS
 
 
@@ -51,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPU cores, data {' '.join(args.paths)}")
     print(f"{'degradations':<14}" + "".join(f"{f'{w} workers':>12}" for w in args.workers))
     for degradations in args.degradations:
-        rates = [measure(args.paths, degradations, w, args.samples, args.batch_size) for w in args.workers]
+        try:
+            rates = [measure(args.paths, degradations, w, args.samples, args.batch_size) for w in args.workers]
+        except UserError as exc:  # a missing folder, an unknown preset
+            print(f"data_throughput: {exc.problems[0]}", file=sys.stderr)
+            return 2
         print(f"{degradations:<14}" + "".join(f"{rate:>9.1f} /s" for rate in rates))
     return 0
 
