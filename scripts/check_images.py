@@ -28,8 +28,11 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def check(job: tuple[str, int]) -> tuple[str, str, str]:
     """(file, category, detail) with category '' for a fine image."""
     path, min_size = job
-    if os.path.getsize(path) == 0:
-        return path, "unreadable", "file is empty (0 bytes)"
+    try:
+        if os.path.getsize(path) == 0:
+            return path, "unreadable", "file is empty (0 bytes)"
+    except OSError as exc:  # a dangling symlink, a file deleted meanwhile, no permission
+        return path, "unreadable", f"cannot open: {exc.strerror or exc}"
     try:
         with Image.open(path) as image:
             image.load()  # a truncated file only fails when decoded completely

@@ -118,6 +118,16 @@ def test_check_images_reports_each_problem_and_exits_1(tmp_path):
     assert "checked 4 images: 1 fine, 1 unreadable, 1 too small, 1 odd mode" in result.stdout
 
 
+def test_check_images_reports_a_dangling_symlink_as_unreadable(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    save_rgb(folder / "good.png", 40, 40)
+    (folder / "gone.png").symlink_to(tmp_path / "deleted.png")  # e.g. a link into a dataset that moved
+    result = run("check_images.py", folder, "--workers", 1, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert any(line.startswith("unreadable") and "gone.png" in line for line in result.stdout.splitlines())
+
+
 def test_check_images_clean_folder_exits_0(tmp_path):
     save_rgb(tmp_path / "a.png", 40, 40)
     result = run("check_images.py", tmp_path, "--workers", 1, cwd=tmp_path)
