@@ -129,9 +129,20 @@ def test_fresh_renames_the_old_run_folder_and_never_deletes_it(tmp_path):
 
 def test_resuming_with_a_changed_config_keeps_the_previous_one(tmp_path):
     _prepare_run_dir(tmp_path, "train: {niter: 10}\n", fresh=False)
+    (tmp_path / "checkpoints" / "10").mkdir(parents=True)  # the first run trained: resuming it
+    (tmp_path / "checkpoints" / "10" / "manifest.json").write_text("{}")
     _prepare_run_dir(tmp_path, "train: {niter: 20}\n", fresh=False)
     assert (tmp_path / "config.previous.yml").read_text() == "train: {niter: 10}\n"
     assert (tmp_path / "config.yml").read_text() == "train: {niter: 20}\n"
+
+
+def test_a_start_that_failed_before_any_checkpoint_is_not_a_previous_config(tmp_path):
+    # A first attempt that stopped on a user error (bad weights path, missing data) trained nothing: fixing the
+    # command and starting again must not warn that "the config differs from the one this run was started with".
+    assert _prepare_run_dir(tmp_path, "path: {pretrain_model_generator: /typo.pth}\n", fresh=False) == []
+    assert _prepare_run_dir(tmp_path, "path: {pretrain_model_generator: /good.pth}\n", fresh=False) == []
+    assert not (tmp_path / "config.previous.yml").exists()
+    assert (tmp_path / "config.yml").read_text() == "path: {pretrain_model_generator: /good.pth}\n"
 
 
 def test_console_lines_are_mirrored_to_train_log_with_a_time(tmp_path, capsys):
@@ -213,3 +224,15 @@ def test_readme_plugin_example_works_from_the_working_folder(tmp_path):
     printed = train("-opt", "run.yml", "--print-config")
     assert printed.returncode == 0, printed.stderr
     assert yaml.safe_load(printed.stdout)["networks"]["generator"]["nf"] == 48
+
+
+def test_a_second_ctrl_c_says_that_nothing_was_saved(monkeypatch, capsys):
+    # The first Ctrl-C finishes the step and saves; a second one stops at once: the user must know what they lost.
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dlas.cli.train._run", interrupted)
+    assert main(["-opt", TINY]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("interrupted")
+    assert "not saved" in err[0] and "newest checkpoint" in err[0]

@@ -320,3 +320,22 @@ def test_a_plugin_module_that_exists_nowhere_is_one_error(tmp_path):
         load_config(str(file))
     (problem,) = excinfo.value.problems
     assert problem.path == "imports[1]" and "no_such_plugin_xyz" in problem.message
+
+
+def test_resume_state_that_does_not_exist_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(TINY), [f"path.resume_state={tmp_path}/checkpoints/5"])
+    message = problems_of(excinfo)["path.resume_state"].message
+    assert "does not exist" in message and "checkpoints/STEP" in message
+
+
+def test_resume_state_naming_a_file_of_the_checkpoint_points_at_its_folder(tmp_path):
+    folder = tmp_path / "checkpoints" / "20"
+    folder.mkdir(parents=True)
+    (folder / "state.pt").write_bytes(b"")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(TINY), [f"path.resume_state={folder / 'state.pt'}"])
+    assert f"give the checkpoint folder '{folder}'" in problems_of(excinfo)["path.resume_state"].message
+    assert load_config(str(TINY), [f"path.resume_state={folder}"])["path"]["resume_state"] == str(folder)
+    # inference does not resume: it does not look
+    assert load_config(str(TINY), [f"path.resume_state={tmp_path}/none"], training=False)

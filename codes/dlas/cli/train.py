@@ -60,7 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: stopped at once, the current step was not saved; running the same command again "
+              "resumes from the newest checkpoint", file=sys.stderr)
         return 130
 
 
@@ -151,8 +152,10 @@ def _prepare_run_dir(run_dir: Path, config_text: str, fresh: bool) -> list[tuple
         notes.append((logging.INFO, f"--fresh: moved the previous run folder to {aside}"))
     run_dir.mkdir(parents=True, exist_ok=True)
     config_file = run_dir / "config.yml"
-    if config_file.is_file() and config_file.read_text(encoding="utf-8") != config_text:
-        # Resuming with a changed config is allowed (e.g. a longer niter), but it must not go unnoticed.
+    trained = any((run_dir / "checkpoints").glob("*/manifest.json"))
+    if trained and config_file.is_file() and config_file.read_text(encoding="utf-8") != config_text:
+        # Resuming with a changed config is allowed (e.g. a longer niter), but it must not go unnoticed. A folder
+        # without a checkpoint trained nothing (its start failed): its config.yml is simply replaced.
         previous = run_dir / "config.previous.yml"
         config_file.replace(previous)
         notes.append((logging.WARNING, "the config differs from the one this run was started with; "

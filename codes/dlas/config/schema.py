@@ -17,6 +17,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from dlas.config.source import KeyPath, format_path
@@ -390,6 +391,17 @@ def _check_training(cfg: dict, checker: Checker) -> None:
     if isinstance(cfg.get("steps"), dict) and not cfg["steps"]:
         checker.problem(("steps",), "training needs at least one step (steps: {NAME: {training: [...], "
                                     "optimizer: {...}, losses: {...}}})")
+    resume = (cfg.get("path") or {}).get("resume_state") if isinstance(cfg.get("path"), dict) else None
+    if isinstance(resume, str) and resume:
+        # Checked here, before the run folder is touched; the trainer verifies the checkpoint's contents.
+        folder = Path(resume)
+        if folder.is_file():
+            checker.problem(("path", "resume_state"), f"'{resume}' is a file; give the checkpoint folder "
+                                                      f"'{folder.parent}' (path.root/NAME/checkpoints/STEP)")
+        elif not folder.is_dir():
+            checker.problem(("path", "resume_state"), f"'{resume}' does not exist; give a checkpoint folder "
+                                                      "path.root/NAME/checkpoints/STEP, e.g. "
+                                                      "experiments/my_run/checkpoints/5000")
 
 
 def _check_references(cfg: dict, checker: Checker) -> None:
