@@ -186,6 +186,36 @@ def test_discriminator_gan_adds_the_weighted_penalty():
     assert ctx.scalars["discriminator_gradient_penalty"].item() == pytest.approx(r1.item(), rel=1e-5)
 
 
+def test_discriminator_gan_r1_reuses_d_on_the_reals_instead_of_a_third_forward():
+    _, state = gan_state()
+    torch.manual_seed(0)
+
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Softplus(), nn.Flatten(), nn.Linear(64, 1))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.net(x)
+
+    discriminator = Counting()
+    ctx = Context(networks={"discriminator": discriminator})
+    loss = LOSSES.build({"type": "discriminator_gan", "gradient_penalty": 10, "gp_type": "r1"})(state, ctx)
+    assert discriminator.calls == 2
+    expected = gradient_penalty(discriminator.net, state["hq"], None, "r1")
+    assert ctx.scalars["discriminator_gradient_penalty"].item() == pytest.approx(expected.item(), rel=1e-5)
+    # Same gradients in D's weights as the GAN loss plus a separately computed penalty (second-order terms kept).
+    params = list(discriminator.parameters())
+    plain = LOSSES.build({"type": "discriminator_gan"})(state, ctx)
+    for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(plain + 10 * expected, params)):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # e.g. the loss evaluator: still a penalty, from its own forward under enable_grad
+        value = LOSSES.build({"type": "discriminator_gan", "gradient_penalty": 10, "gp_type": "r1"})(state, ctx)
+    assert torch.isfinite(value)
+
+
 def test_standalone_gradient_penalty_loss_reads_fake_only_for_wgan_gp():
     assert LOSSES.build({"type": "gradient_penalty", "gp_type": "r1"}).reads == ["hq"]
     assert LOSSES.build({"type": "gradient_penalty", "gp_type": "wgan_gp"}).reads == ["hq", "gen"]

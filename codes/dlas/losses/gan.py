@@ -89,11 +89,21 @@ def gradient_penalty(discriminator: torch.nn.Module, real: torch.Tensor, fake: O
     with torch.enable_grad():
         scores = discriminator(points)
         (grad,) = torch.autograd.grad(scores.sum(), points, create_graph=True)
-    squared_norm = grad.flatten(1).pow(2).sum(1)
+    squared_norm = _squared_gradient_norm(grad)
     if gp_type == "r1":
         return squared_norm.mean()
     # The epsilon keeps the sqrt differentiable where a gradient vanishes exactly.
     return ((squared_norm + 1e-12).sqrt() - 1).pow(2).mean()
+
+
+def _squared_gradient_norm(grad: torch.Tensor) -> torch.Tensor:
+    return grad.float().flatten(1).pow(2).sum(1)
+
+
+def r1_penalty_from_scores(scores: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """R1 from D's scores on ``real``, which must require grad: spares ``gradient_penalty``'s own forward."""
+    (grad,) = torch.autograd.grad(scores.sum(), real, create_graph=True)
+    return _squared_gradient_norm(grad).mean()
 
 
 def _with_noise(images: torch.Tensor, std: float) -> torch.Tensor:
@@ -162,12 +172,19 @@ class DiscriminatorGanLoss(Loss):
         net = ctx.networks[self.discriminator]
         real = _with_noise(state[self.real].detach(), self.noise)
         fake = _with_noise(state[self.fake].detach(), self.noise)
+        # R1 is a gradient at the very reals D scores here: differentiate that forward instead of running a third.
+        r1_from_this_forward = self.gradient_penalty > 0 and self.gp_type == "r1" and torch.is_grad_enabled()
+        if r1_from_this_forward:
+            real.requires_grad_(True)
         d_real, d_fake = net(real), net(fake)
         ctx.log(f"{self.discriminator}_real", d_real.detach().mean())
         ctx.log(f"{self.discriminator}_fake", d_fake.detach().mean())
         loss = discriminator_adversarial_loss(self.gan_type, d_real, d_fake)
         if self.gradient_penalty > 0:
-            penalty = gradient_penalty(net, real, fake, self.gp_type)
+            if r1_from_this_forward:
+                penalty = r1_penalty_from_scores(d_real, real)
+            else:
+                penalty = gradient_penalty(net, real.detach(), fake, self.gp_type)
             ctx.log(f"{self.discriminator}_gradient_penalty", penalty.detach())
             loss = loss + self.gradient_penalty * penalty
         return loss
