@@ -76,6 +76,17 @@ def test_linear_warmup_reports_errors_of_the_wrapped_scheduler():
         make({"type": "linear_warmup", "scheduler": {"type": "multistep", "milestones": [1], "gama": 0.5}})
 
 
+@pytest.mark.parametrize("inner,where", [
+    ({"type": "multistep", "milestones": [1], "gama": 0.5}, "train.lr_scheduler.scheduler.gama"),
+    ({"type": "multistep", "milestones": [5, 3]}, "train.lr_scheduler.scheduler.milestones"),
+    ({"type": "cosin"}, "train.lr_scheduler.scheduler.type"),
+])
+def test_linear_warmup_names_the_wrapped_schedulers_dotted_path_once(inner, where):
+    with pytest.raises(ConfigError) as error:
+        make({"type": "linear_warmup", "scheduler": inner})
+    assert [problem.path for problem in error.value.problems] == [where]
+
+
 @pytest.mark.parametrize("cfg", [
     {"type": "multistep", "milestones": [3, 5], "gamma": 0.5},
     {"type": "cosine", "periods": [4, 3], "restart_weights": [1.0, 0.7], "eta_min": 0.01},

@@ -152,5 +152,6 @@ def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int = 1000,
         raise ConfigError(f"must be >= 1, got {warmup_steps}", "warmup_steps")
     if not 0 <= start_factor <= 1:
         raise ConfigError(f"must be between 0 and 1, got {start_factor}", "start_factor")
-    inner = SCHEDULERS.build(dict(scheduler or {"type": "constant"}), "lr_scheduler.scheduler", optimizer=optimizer)
+    # A relative path: the registry puts the outer one (train.lr_scheduler) in front of it.
+    inner = SCHEDULERS.build(dict(scheduler or {"type": "constant"}), "scheduler", optimizer=optimizer)
     return LinearWarmup(optimizer, inner, warmup_steps, start_factor)
