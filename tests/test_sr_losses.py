@@ -311,6 +311,13 @@ def test_perceptual_unknown_layer_suggests_a_name():
         LOSSES.build({"type": "perceptual", "layers": {"conv5_5": 1.0}, "weights_path": "random"})
 
 
+def test_perceptual_unknown_single_layer_names_the_layer_key():
+    with pytest.raises(ConfigError) as error:
+        LOSSES.build({"type": "perceptual", "layer": "conv5_5", "weights_path": "random"}, "steps.g.losses.vgg")
+    assert [problem.path for problem in error.value.problems] == ["steps.g.losses.vgg.layer"]
+    assert "did you mean 'conv5_4'" in str(error.value)
+
+
 # ----------------------------------------------------------------------------------------------- translational
 class PointwiseUpsampler(nn.Module):
     """1x1 conv + nearest upsampling: exactly translation-equivariant."""

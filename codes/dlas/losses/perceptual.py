@@ -73,6 +73,7 @@ class PerceptualLoss(Loss):
         self.criterion = criterion
         if layers is not None and layer is not None:
             raise ConfigError("give either `layer` or `layers`, not both", "layer")
+        single = layers is None  # given as `layer:` (or defaulted): errors name that key
         if layers is None:
             layers = {layer or "conv5_4": 1.0}
         if not layers:
@@ -82,7 +83,7 @@ class PerceptualLoss(Loss):
         for name, weight in layers.items():
             if name not in indices:
                 raise ConfigError(f"unknown VGG19 layer '{name}'{did_you_mean(name, indices)}; layers are convS_C, "
-                                  "reluS_C or poolS, e.g. conv5_4", f"layers.{name}")
+                                  "reluS_C or poolS, e.g. conv5_4", "layer" if single else f"layers.{name}")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)):
                 raise ConfigError(f"layer weight must be a number, got {weight!r}", f"layers.{name}")
             index = indices[name]
