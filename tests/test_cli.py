@@ -236,3 +236,22 @@ def test_a_second_ctrl_c_says_that_nothing_was_saved(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("interrupted")
     assert "not saved" in err[0] and "newest checkpoint" in err[0]
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(monkeypatch, capsys):
+    # torch re-creates a worker's exception in the main process from its traceback text; the user sees one line.
+    from torch._utils import ExceptionWrapper
+
+    from dlas.errors import DataError
+
+    def failing(args):
+        try:
+            raise DataError("50 unusable images in a row; run scripts/check_images.py", "/data/small.png")
+        except DataError:
+            ExceptionWrapper(where="in DataLoader worker process 0").reraise()
+
+    monkeypatch.setattr("dlas.cli.train._run", failing)
+    assert main(["-opt", TINY]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: /data/small.png: 50 unusable images in a row; run scripts/check_images.py " \
+                  "(in DataLoader worker process 0)\n"

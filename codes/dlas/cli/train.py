@@ -10,6 +10,7 @@ import argparse
 import inspect
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -57,12 +58,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _run(build_parser().parse_intermixed_args(argv))
     except UserError as exc:
         for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
+            print(f"error: {_one_line(problem)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: stopped at once, the current step was not saved; running the same command again "
               "resumes from the newest checkpoint", file=sys.stderr)
         return 130
+
+
+_WORKER_ERROR = re.compile(r"\ACaught \w+ (?P<where>in DataLoader worker process \d+)\.\n.*"
+                           r"^[\w.]*Error: (?P<line>[^\n]*)\s*\Z", re.S | re.M)
+
+
+def _one_line(problem: Any) -> str:
+    """``problem`` as one line, also when torch re-created it from a loader worker's traceback text."""
+    match = _WORKER_ERROR.match(problem.message) if not problem.path else None
+    return f"{match['line']} ({match['where']})" if match else str(problem)
 
 
 def _run(args: argparse.Namespace) -> int:
