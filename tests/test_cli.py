@@ -255,3 +255,8 @@ def test_a_data_error_in_a_loader_worker_is_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err == "error: /data/small.png: 50 unusable images in a row; run scripts/check_images.py " \
                   "(in DataLoader worker process 0)\n"
+
+
+def test_a_config_file_given_without_opt_suggests_opt(capsys):
+    assert main([TINY, "--validate"]) == 2
+    assert capsys.readouterr().err == f"error: -opt: give a config file: -opt FILE.yml (did you mean -opt {TINY}?)\n"

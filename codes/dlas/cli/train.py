@@ -88,7 +88,9 @@ def _run(args: argparse.Namespace) -> int:
             print(describe_component(args.describe))
         return EXIT_OK
     if not args.opt:
-        raise ConfigError("give a config file: -opt FILE.yml (or --list / --describe TYPE)", "-opt")
+        files = [o for o in args.overrides if "=" not in o and o.endswith((".yml", ".yaml"))]
+        hint = f"(did you mean -opt {files[0]}?)" if files else "(or --list / --describe TYPE)"
+        raise ConfigError(f"give a config file: -opt FILE.yml {hint}", "-opt")
 
     from dlas.config import dump_config, load_config
 
