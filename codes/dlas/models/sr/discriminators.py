@@ -37,9 +37,10 @@ class VGGStyleDiscriminator(nn.Module):
         in_nc: input channels.
         nf: features of the first stage (64).
         input_size: 128 or 256; the input must be exactly this size (random-crop HR patches to it).
-        norm: ``batch`` (BasicSR/ESRGAN), ``group`` (GroupNorm with 8 groups: the DLAS recommendation, it keeps
-            D's outputs from "exploding" and does not mix statistics of real and fake batches) or ``none``
-            (the convs then get biases instead).
+        norm: ``batch`` (BasicSR/ESRGAN; its statistics are those of each call: real and fake images apart, one
+            micro-batch at a time under ``mega_batch_factor``), ``group`` (GroupNorm with 8 groups: the DLAS
+            recommendation, it keeps D's outputs from "exploding" and its outputs do not depend on the rest of the
+            batch) or ``none`` (the convs then get biases instead).
     """
 
     def __init__(self, in_nc: int = 3, nf: int = 64, input_size: int = 128,
