@@ -339,3 +339,14 @@ def test_non_finite_outputs_are_warned_about_naming_the_image(tmp_path, capsys):
     assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "im0" in err and "non-finite" in err
+
+
+def test_two_references_with_the_same_stem_are_an_error_not_a_silent_pick(run_and_inputs, capsys):
+    run, images, tmp = run_and_inputs
+    for i, image in enumerate(images):
+        save_image(tmp / "hr" / f"im{i}.png", np.repeat(np.repeat(image, 2, axis=0), 2, axis=1))
+    save_image(tmp / "hr" / "im0.jpg", np.zeros((24, 28, 3), np.uint8))
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out"),
+                 "--metrics", "psnr", "--reference", str(tmp / "hr")]) == 2
+    err = capsys.readouterr().err
+    assert "im0.jpg" in err and "im0.png" in err

@@ -118,7 +118,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _match_references(inputs: list[Path], reference: str) -> dict[Path, Path]:
     from dlas.inference import list_images
 
-    by_stem = {p.stem: p for p in list_images(reference)}
+    by_stem: dict[str, Path] = {}
+    for path in list_images(reference):
+        if path.stem in by_stem and any(p.stem == path.stem for p in inputs):
+            raise DataError(f"'{by_stem[path.stem].name}' and '{path.name}' both match the input of that stem; "
+                            "keep one reference per stem", reference)
+        by_stem[path.stem] = path
     missing = [p.name for p in inputs if p.stem not in by_stem]
     if missing:
         raise DataError(f"no reference image with the stem of {', '.join(missing[:5])}"
