@@ -147,6 +147,22 @@ def test_list_file_names_images_relative_to_itself(hq_folder):
     assert [os.path.basename(f) for f in files] == ["img1.png", "deep.png"]
 
 
+def test_a_list_whose_first_entry_does_not_exist_is_a_config_error_naming_the_line(hq_folder, tmp_path):
+    # BasicSR's meta_info files ("NAME (H,W,C)", relative to the data root) are not our lists
+    (tmp_path / "meta_info.txt").write_text("img1.png (80,96,3)\nimg2.png (80,96,3)\n")
+    with pytest.raises(ConfigError) as error:
+        resolve_image_paths([str(tmp_path / "meta_info.txt")])
+    assert error.value.problems[0].path == "paths[0]"
+    assert "line 1" in str(error.value) and "img1.png (80,96,3)" in str(error.value)
+
+
+def test_a_path_that_is_a_file_but_not_an_image_is_a_config_error(tmp_path):
+    (tmp_path / "data.zip").write_bytes(b"PK")
+    with pytest.raises(ConfigError) as error:
+        build({"type": "image_folder", "paths": [str(tmp_path / "data.zip")]})
+    assert error.value.problems[0].path == "paths[0]" and "data.zip" in str(error.value)
+
+
 def test_folder_index_cache_notices_a_new_file(hq_folder):
     assert len(resolve_image_paths([str(hq_folder)])) == 5
     save_rgb(hq_folder / "sub" / "new.png", 40, 40)

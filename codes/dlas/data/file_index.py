@@ -102,22 +102,32 @@ def resolve_image_paths(paths: list[str], key: str = "paths", cache_index: bool 
             found = _read_list_file(path)
             if not found:
                 raise ConfigError(f"list file '{entry}' names no images", entry_key)
-            files += found
-        elif path.is_file():
+            first_line, first = found[0]
+            if not os.path.isfile(first):  # one stat catches a list written for another folder or format
+                raise ConfigError(f"list file '{entry}' line {first_line}: '{first}' does not exist; a list holds "
+                                  "one image path per line, relative to the list's own folder (BasicSR's "
+                                  "meta_info 'NAME (H,W,C)' files are not lists: point paths at the folder)",
+                                  entry_key)
+            files += [file for _, file in found]
+        elif path.is_file() and is_image_file(path.name):
             files.append(str(path))
+        elif path.is_file():
+            raise ConfigError(f"'{entry}' is not an image file ({', '.join(IMAGE_EXTENSIONS)}), a folder or a .txt "
+                              f"list", entry_key)
         else:
             raise ConfigError(f"'{entry}' does not exist; point it at a folder of images, an image file, "
                               f"a .txt list or a 'skimage:' sample", entry_key)
     return files
 
 
-def _read_list_file(path: Path) -> list[str]:
+def _read_list_file(path: Path) -> list[tuple[int, str]]:
+    """``(line number, path)`` of every entry of a list file."""
     files = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         line = line.strip()
         if line and not line.startswith("#"):
             item = Path(line).expanduser()
-            files.append(str(item if item.is_absolute() else path.parent / item))
+            files.append((number, str(item if item.is_absolute() else path.parent / item)))
     return files
 
 
