@@ -232,5 +232,18 @@ def test_loss_evaluator_averages_each_loss_over_items_whatever_the_batch_size(tm
     assert seen == [1, 1, 1, 1, 1, 2, 2, 1]
 
 
+def test_loss_evaluator_batches_images_of_different_sizes_one_by_one(tmp_path):
+    data = PairDataset(count=3)
+    data.items[1] = PairDataset(count=1, size=12, seed=1).items[0]  # whole validation images differ in size
+
+    def compute_losses(batch):
+        return {"pix": float(batch["hq"].mean(dim=(1, 2, 3)).mean())}
+
+    expected = float(np.mean([item["hq"].mean() for item in data.items]))
+    ctx = context(tmp_path, Nearest(), data, compute_losses=compute_losses)
+    metrics = EVALUATORS.build({"type": "loss", "batch_size": 4}, "eval.val_loss")(ctx)
+    assert metrics["pix"] == pytest.approx(expected, abs=1e-6)
+
+
 def test_loss_evaluator_metrics_are_lower_is_better():
     assert EVALUATORS.build({"type": "loss"}).is_higher_better("pix") is False

@@ -20,7 +20,8 @@ class LossEvaluator(Evaluator):
 
     Options:
       dataset: the dataset to evaluate on (name under ``datasets:``).
-      batch_size: items per forward pass on each rank (memory only: the means do not depend on it).
+      batch_size: items per forward pass on each rank (memory only: the means do not depend on it). Consecutive
+        items of different sizes (whole validation images) run in separate passes.
       max_items: evaluate only the first N items (null: all).
     """
 
@@ -46,13 +47,26 @@ class LossEvaluator(Evaluator):
         indices = list(ctx.shard(count))
         sums: dict[str, float] = defaultdict(float)
         for start in range(0, len(indices), self.batch_size):
-            chunk = indices[start : start + self.batch_size]
-            batch = default_collate([data[i] for i in chunk])
-            for name, value in ctx.compute_losses(batch).items():
-                sums[name] += float(value) * len(chunk)
+            items = [data[i] for i in indices[start : start + self.batch_size]]
+            for group in _same_size_groups(items):
+                for name, value in ctx.compute_losses(default_collate(group)).items():
+                    sums[name] += float(value) * len(group)
         # every rank must reduce the same names, even one that got no items: ask for them on an empty shard too
         names = sorted(sums) or self._names(ctx, data)
         return ctx.global_mean({name: sums[name] for name in names}, len(indices))
 
     def _names(self, ctx: EvalContext, data) -> list[str]:
         return sorted(ctx.compute_losses(default_collate([data[0]])))
+
+
+def _same_size_groups(items: list[dict]) -> list[list[dict]]:
+    """``items`` split into runs whose tensors share their shapes (whole validation images differ in size and
+    cannot be stacked into one batch); each run keeps the batch's order."""
+    groups: list[list[dict]] = []
+    shapes = lambda item: [tuple(v.shape) for v in item.values() if hasattr(v, "shape")]
+    for item in items:
+        if groups and shapes(groups[-1][0]) == shapes(item):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
