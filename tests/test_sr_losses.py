@@ -243,6 +243,17 @@ def test_perceptual_loss_grads_reach_fake_but_not_vgg(random_perceptual):
     assert all(not p.requires_grad and p.grad is None for p in random_perceptual.parameters())
 
 
+def test_perceptual_loss_follows_its_inputs_to_their_device():
+    # The trainer builds losses on the CPU and moves only networks and batches; the VGG must follow the images
+    # (on CUDA the first call failed with a device mismatch). The meta device stands in for a GPU here.
+    with pytest.warns(UserWarning):
+        loss = LOSSES.build({"type": "perceptual", "layer": "conv2_2", "weights_path": "random"})
+    images = {"gen": torch.rand(1, 3, 16, 16, device="meta"), "hq": torch.rand(1, 3, 16, 16, device="meta")}
+    value = loss(images, Context(networks={}))
+    assert value.device.type == "meta" and value.dim() == 0
+    assert all(p.device.type == "meta" for p in loss.vgg.parameters())
+
+
 def test_perceptual_loss_builds_only_up_to_the_deepest_layer(random_perceptual):
     assert len(random_perceptual.vgg) == 17  # conv3_4 is features[16]
 

@@ -103,6 +103,8 @@ class PerceptualLoss(Loss):
         """VGG19 features of RGB images in [0, 1], at the requested layer indices."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"perceptual loss expects RGB NCHW images, got shape {tuple(images.shape)}")
+        if self.mean.device != images.device:  # built on the CPU; follow the training device on first use
+            self.to(images.device)
         fea = (images - self.mean) / self.std
         out = {}
         for index, layer in enumerate(self.vgg):
