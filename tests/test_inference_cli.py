@@ -135,6 +135,7 @@ def test_temperature_on_a_deterministic_network_is_an_error(run_and_inputs, caps
     (lambda run, tmp: ["--best"], "best.json"),
     (lambda run, tmp: ["--metrics"], "--reference"),
     (lambda run, tmp: ["--tile", "0"], "--tile must be at least 1"),
+    (lambda run, tmp: ["--output", str(tmp / "result.png")], "--output is a folder"),
 ])
 def test_bad_input_is_one_clear_line_and_exit_2(run_and_inputs, capsys, change, message):
     run, _, tmp = run_and_inputs

@@ -153,6 +153,7 @@ def upscale_folder(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from dlas.data.image_file import IMAGE_EXTENSIONS
     from dlas.inference import (autocast_context, batch_forward, infer_scale, list_images, load_image,
                                 load_trained_network, prepare_output_folder, run_network, save_image, select_device)
 
@@ -164,6 +165,9 @@ def upscale_folder(args: argparse.Namespace) -> int:
     inputs = list_images(args.input)
     references = _match_references(inputs, args.reference) if args.reference else {}
     output_dir = Path(args.output)
+    if not output_dir.is_dir() and output_dir.suffix.lower() in IMAGE_EXTENSIONS:
+        raise ConfigError(f"--output is a folder (results are saved as FOLDER/<input stem>.png), got the file name "
+                          f"'{args.output}'; give e.g. --output {output_dir.parent / 'results'}", "--output")
     _check_output_names(inputs, references, output_dir)
     device = select_device(args.device)
     prepare_output_folder(output_dir)
