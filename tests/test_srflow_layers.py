@@ -150,6 +150,15 @@ def test_invconv_keeps_float32_activations_under_bf16_autocast():
         assert (back - x).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("lu", [False, True], ids=["plain", "lu"])
+def test_invconv_runs_on_a_device_without_autocast(lu):
+    # torch.autocast(device, enabled=False) raises on devices without autocast, such as meta (shape inference).
+    layer = InvertibleConv1x1(4, lu_decomposed=lu).to("meta")
+    z, logdet = layer(torch.empty(2, 4, 3, 3, device="meta"))
+    assert z.shape == (2, 4, 3, 3) and logdet.shape == (2,)
+    assert layer.reverse(z).shape == (2, 4, 3, 3)
+
+
 def test_coupling_and_split_logdets_are_float32_under_bf16_autocast():
     torch.manual_seed(0)
     x, cond = torch.randn(2, 4, 16, 16), torch.randn(2, COND_CHANNELS, 16, 16)

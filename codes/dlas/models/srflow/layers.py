@@ -15,6 +15,7 @@ their *standardised* value ``eps = (x2 - mean) / std`` under a learned prior, so
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterator, Optional
 
@@ -33,6 +34,13 @@ _SCALE_AT_ZERO = 1.0 / (1.0 + math.exp(-SCALE_SHIFT)) + SCALE_FLOOR
 def bounded_scale(h: torch.Tensor) -> torch.Tensor:
     """``(sigmoid(h + 2) + 1e-4) / (sigmoid(2) + 1e-4)``: 1 at h = 0, within (1.1e-4, 1.135)."""
     return (torch.sigmoid(h + SCALE_SHIFT) + SCALE_FLOOR) / _SCALE_AT_ZERO
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device_type``: float32 math inside a bf16/fp16 step (a no-op where the device has no
+    autocast, e.g. ``meta``, on which ``torch.autocast`` refuses even to be disabled)."""
+    available = getattr(torch.amp, "is_autocast_available", lambda device: device in ("cpu", "cuda"))
+    return torch.autocast(device_type, enabled=False) if available(device_type) else contextlib.nullcontext()
 
 
 def _zero_logdet(x: torch.Tensor, logdet: Optional[torch.Tensor]) -> torch.Tensor:
@@ -139,13 +147,13 @@ class InvertibleConv1x1(nn.Module):
                 logdet: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         # Outside autocast: a bf16 1x1 conv (or LU product) would round the flow's activations to 3 digits, and the
         # reverse pass could no longer undo it.
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             weight, logabsdet = self.matrix_and_logabsdet()
             z = F.conv2d(x, weight.to(x.dtype)[:, :, None, None])
         return z, _zero_logdet(x, logdet) + logabsdet * _pixels(x)
 
     def reverse(self, z: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
-        with torch.autocast(z.device.type, enabled=False):
+        with autocast_off(z.device.type):
             weight, _ = self.matrix_and_logabsdet()
             inverse = torch.linalg.inv(weight.double()).to(z.dtype)
             return F.conv2d(z, inverse[:, :, None, None])

@@ -6,6 +6,7 @@ sampling runs the flow backwards from latents drawn at a temperature (0 gives th
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Optional
@@ -16,16 +17,16 @@ from torch import nn
 
 from dlas.errors import ConfigError, DataError
 from dlas.models.sr.rrdbnet import RRDBNet
-from dlas.models.srflow.layers import FlowStep, Split, Squeeze, standard_normal_logp
+from dlas.models.srflow.layers import FlowStep, Split, Squeeze, autocast_off, standard_normal_logp
 from dlas.registry import NETWORKS
 
 log = logging.getLogger(__name__)
 
 
-def _full_precision(x: torch.Tensor) -> torch.autocast:
+def _full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Autocast off for the flow. Its log-determinants, 1x1-conv inverses and couplings need float32: with bf16
     coupling networks the reverse pass misses the input by up to a grey level. The encoder keeps autocast."""
-    return torch.autocast(x.device.type, enabled=False)
+    return autocast_off(x.device.type)
 
 
 class NonFiniteError(FloatingPointError):
