@@ -351,3 +351,47 @@ def test_two_references_with_the_same_stem_are_an_error_not_a_silent_pick(run_an
                  "--metrics", "psnr", "--reference", str(tmp / "hr")]) == 2
     err = capsys.readouterr().err
     assert "im0.jpg" in err and "im0.png" in err
+
+
+FILE_PLUGIN = '''
+import torch
+import torch.nn.functional as F
+from dlas.registry import NETWORKS
+
+
+@NETWORKS.register("file_plugin_sr")
+class FilePluginSR(torch.nn.Module):
+    def __init__(self, scale: int = 2):
+        super().__init__()
+        self.scale = scale
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        up = F.interpolate(x, scale_factor=self.scale, mode="nearest")
+        return up + self.conv(up)
+'''
+
+
+def test_a_run_whose_plugin_file_was_recorded_relative_to_the_training_folder_loads_from_elsewhere(
+        tmp_path, monkeypatch):
+    run = make_run(tmp_path)  # tmp/experiments/tiny, as `dlas-train` run in tmp writes it
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "my_nets.py").write_text(FILE_PLUGIN)
+    cfg = yaml.safe_load((run / "config.yml").read_text())
+    cfg["imports"], cfg["networks"]["generator"]["type"] = ["plugins/my_nets.py"], "file_plugin_sr"
+    (run / "config.yml").write_text(yaml.safe_dump(cfg))
+    make_images(tmp_path / "lq", count=1)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out")]) == 0
+
+
+def test_opt_mode_finds_a_plugin_file_next_to_the_config(tmp_path, monkeypatch):
+    cfg = opt_mode_files(tmp_path)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "my_nets.py").write_text(FILE_PLUGIN)
+    cfg["imports"], cfg["networks"]["generator"]["type"] = ["my_nets.py"], "file_plugin_sr"
+    (tmp_path / "cfg" / "test.yml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["-opt", str(tmp_path / "cfg" / "test.yml"), "--output", str(tmp_path / "res")]) == 0

@@ -204,6 +204,7 @@ def read_run_config(run_dir: Path) -> dict:
     """The resolved ``config.yml`` of a run folder, with its ``imports:`` plugins imported."""
     import yaml
 
+    from dlas.config.load import plugin_path
     from dlas.registry import import_plugins
 
     file = Path(run_dir) / "config.yml"
@@ -215,7 +216,9 @@ def read_run_config(run_dir: Path) -> dict:
         cfg = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
         raise DataError(f"unreadable YAML: {exc}", str(file)) from exc
-    import_plugins(cfg.get("imports") or [])
+    # A plugin file is recorded relative to the folder training ran in, which for experiments/NAME is two up.
+    training_folder = Path(run_dir).resolve().parent.parent
+    import_plugins([plugin_path(m, training_folder) for m in cfg.get("imports") or []])
     return cfg
 
 

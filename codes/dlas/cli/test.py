@@ -274,6 +274,7 @@ def evaluate_config(args: argparse.Namespace) -> int:
 
     from dlas import load_network_weights
     from dlas.config.inherit import load_with_bases, strip_replace
+    from dlas.config.load import plugin_path
     from dlas.evaluators.base import EvalContext
     from dlas.inference import autocast_context, build_network, select_device
     from dlas.registry import import_plugins
@@ -290,7 +291,7 @@ def evaluate_config(args: argparse.Namespace) -> int:
     if not file.is_file():
         raise ConfigError("config file does not exist", str(file))
     cfg = strip_replace(load_with_bases(file)[0])  # base: files as in training configs
-    import_plugins(cfg.get("imports") or [])
+    import_plugins([plugin_path(m, file.parent) for m in cfg.get("imports") or []])  # as train.py finds them
     if not cfg.get("eval"):
         raise ConfigError("a test config needs an 'eval:' section (e.g. {sr: {type: sr}})", "eval")
     device = select_device(args.device if args.device != "auto" else str(cfg.get("device", "auto")))
