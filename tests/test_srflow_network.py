@@ -169,6 +169,16 @@ def test_reverse_guard_names_the_layer_that_produced_nan():
         net.sample(lq, temperature=0.5)
 
 
+def test_reverse_guard_names_a_singular_1x1_conv():
+    # inv_ex instead of inv: no host sync per 1x1 conv to check for singularity; the NaN guard reports it instead.
+    hq, lq = _pair()
+    net = _trained_looking(_tiny(), hq, lq)
+    with torch.no_grad():
+        net.levels[1].steps[1].invconv.weight.zero_()
+    with pytest.raises(NonFiniteError, match=r"level 2/2, step 2/2 invconv"):
+        net.sample(lq, temperature=0.5)
+
+
 def test_reverse_clamp_keeps_sampling_finite_instead_of_raising():
     hq, lq = _pair()
     net = _trained_looking(_tiny(reverse_clamp=100.0), hq, lq)

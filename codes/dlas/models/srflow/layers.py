@@ -155,7 +155,8 @@ class InvertibleConv1x1(nn.Module):
     def reverse(self, z: torch.Tensor, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         with autocast_off(z.device.type):
             weight, _ = self.matrix_and_logabsdet()
-            inverse = torch.linalg.inv(weight.double()).to(z.dtype)
+            # inv_ex: no host sync to check for a singular W; its non-finite result trips SRFlow's NaN guard instead.
+            inverse = torch.linalg.inv_ex(weight.double()).inverse.to(z.dtype)
             return F.conv2d(z, inverse[:, :, None, None])
 
 
