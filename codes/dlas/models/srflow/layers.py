@@ -103,7 +103,7 @@ class ActNorm2d(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        # Weights saved without the flag (older files, converted official SRFlow weights) are trained weights.
+        # Weights saved without the flag (older files, or hand-converted ones) are trained weights.
         state_dict.setdefault(prefix + "initialized", torch.tensor(True))
         self._known_initialized = False
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
