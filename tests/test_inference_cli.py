@@ -157,6 +157,15 @@ def test_an_unreadable_input_image_is_exit_2_naming_it(run_and_inputs, capsys):
     assert "zz.png" in capsys.readouterr().err
 
 
+def test_an_unreadable_image_does_not_stop_the_others_from_being_upscaled(run_and_inputs, capsys):
+    run, _, tmp = run_and_inputs
+    (tmp / "lq" / "a_broken.png").write_bytes(b"garbage")  # sorted first
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out")]) == 2
+    assert sorted(p.name for p in (tmp / "out").iterdir()) == ["im0.png", "im1.png"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "a_broken.png" in err[0]
+
+
 def test_a_run_without_checkpoints_is_exit_2(tmp_path, capsys):
     run = make_run(tmp_path, steps=())
     make_images(tmp_path / "lq", count=1)

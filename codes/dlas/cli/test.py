@@ -8,7 +8,8 @@ Two modes:
 * ``-opt test.yml``: build the ``networks`` (weights from ``path.pretrain_model_NET``), ``datasets`` and ``eval``
   sections of a config, run each evaluator once, print and write ``metrics.json``.
 
-Exit codes: 0 success; 2 bad arguments, config or input (one ``error: …`` line each, no traceback); 1 otherwise.
+Exit codes: 0 success; 2 bad arguments, config or input (one ``error: …`` line each, no traceback; an unreadable
+input image is reported and skipped, the others still run); 1 otherwise.
 """
 from __future__ import annotations
 
@@ -178,8 +179,14 @@ def upscale_folder(args: argparse.Namespace) -> int:
     scale, scores = None, {}
     scorer = _Scorer(args.metrics or DEFAULT_METRICS, args.channel == "y", args.crop_border, args.lpips_net,
                      args.lpips_weights, device) if references else None
+    unreadable = 0
     for path in tqdm(inputs, desc="dlas-test", unit="img", disable=None):
-        lq = load_image(path)[None].to(device)
+        try:
+            lq = load_image(path)[None].to(device)
+        except DataError as exc:  # one broken file among many: report it, upscale the others, exit 2 at the end
+            report_user_errors(exc)
+            unreadable += 1
+            continue
         outputs = []
         with torch.no_grad(), autocast():
             if scale is None:  # measured on a small corner crop: cheap, and tiling needs it before the first tile
@@ -196,13 +203,13 @@ def upscale_folder(args: argparse.Namespace) -> int:
             for temperature, output in zip(args.temperature or [None], outputs):
                 key = path.stem if temperature is None else f"{path.stem} T={temperature:g}"
                 scores[key] = scorer(output, references[path], scale)
-    if scorer:
+    if scorer and scores:
         means = _print_table(scores, scorer.convention(scale))
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(
             {"mean": means, "images": scores, "convention": scorer.convention(scale), "step": loaded.step,
              "weights": str(loaded.weights_file)}, indent=1))
-    return EXIT_OK
+    return EXIT_USER_ERROR if unreadable else EXIT_OK
 
 
 class _Scorer:
