@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"extract_subimages: {'; '.join(problems)}", file=sys.stderr)
         return 2
     files = list_folder(args.input, use_cache=False)
+    # An output folder inside the input one: a resumed run must not take the tiles it wrote for new images.
+    output_root = os.path.realpath(args.output) + os.sep
+    files = [f for f in files if not os.path.realpath(f).startswith(output_root)]
     if not files:
         print(f"extract_subimages: no images in '{args.input}'", file=sys.stderr)
         return 2

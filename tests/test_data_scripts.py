@@ -71,6 +71,18 @@ def test_extract_subimages_skips_a_truncated_jpeg_and_exits_1(tmp_path):
     assert all(name.startswith("good_s") for name in os.listdir(tmp_path / "out"))
 
 
+def test_extract_subimages_with_the_output_inside_the_input_never_tiles_its_own_tiles(tmp_path):
+    (tmp_path / "in").mkdir()
+    save_rgb(tmp_path / "in" / "photo.png", 70, 100)
+    args = ["extract_subimages.py", tmp_path / "in", tmp_path / "in" / "tiles", "--crop", 32, "--step", 24,
+            "--workers", 1]
+    first = run(*args, cwd=tmp_path)
+    again = run(*args, cwd=tmp_path)  # resuming: the tiles of the first run are now below the input folder
+    assert first.returncode == 0 and again.returncode == 0, again.stderr
+    assert "1 images -> 0 tiles written, 12 already present" in again.stdout
+    assert len(os.listdir(tmp_path / "in" / "tiles")) == 12
+
+
 def test_extract_subimages_missing_input_exits_2_with_one_line(tmp_path):
     result = run("extract_subimages.py", tmp_path / "nowhere", tmp_path / "out", cwd=tmp_path)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
