@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from dlas.cli.test import (SCALE_PROBE_SIZE, Parser, add_inference_arguments, add_run_arguments, check_tiling,
+from dlas.cli.test import (Parser, add_inference_arguments, add_run_arguments, check_tiling, measure_scale,
                            report_user_errors)
 from dlas.errors import ConfigError, DataError, UserError
 
@@ -67,8 +67,8 @@ def process(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from dlas.inference import (autocast_context, infer_scale, load_trained_network, prepare_output_folder,
-                                run_network, save_image, select_device, tensor_to_uint8)
+    from dlas.inference import (autocast_context, load_trained_network, prepare_output_folder, run_network,
+                                save_image, select_device, tensor_to_uint8)
 
     if not args.run:
         raise ConfigError("give the trained run: --run experiments/NAME", "--run")
@@ -104,7 +104,7 @@ def process(args: argparse.Namespace) -> int:
                 lq = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255).to(device)
                 with torch.no_grad(), autocast():
                     if scale is None:  # measured on a corner crop: a whole 4K frame would cost a second pass
-                        scale = infer_scale(loaded.network, lq[:1], args.tile or SCALE_PROBE_SIZE)
+                        scale = measure_scale(loaded.network, lq[:1], args.tile, loaded.name)
                     upscaled = run_network(loaded.network, lq, scale, args.tile, args.tile_overlap)
                 for frame in upscaled:
                     rgb = tensor_to_uint8(frame)

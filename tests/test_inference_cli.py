@@ -404,3 +404,11 @@ def test_opt_mode_finds_a_plugin_file_next_to_the_config(tmp_path, monkeypatch):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert main(["-opt", str(tmp_path / "cfg" / "test.yml"), "--output", str(tmp_path / "res")]) == 0
+
+
+def test_a_network_that_does_not_output_an_image_is_exit_2_naming_network(tmp_path, capsys):
+    run = make_run(tmp_path, network_type="eval_tiny_critic")
+    make_images(tmp_path / "lq", count=1)
+    assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--network" in err[0]

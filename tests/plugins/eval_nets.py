@@ -29,3 +29,11 @@ class EvalTinyFlow(EvalTinySR):
 
     def sample(self, lq: torch.Tensor, temperature: float) -> torch.Tensor:
         return (self.forward(lq) + temperature / 10).clamp(0, 1)
+
+
+@NETWORKS.register("eval_tiny_critic")
+class EvalTinyCritic(EvalTinySR):
+    """EvalTinySR's weights, but one score per image (a discriminator picked by mistake with --network)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).mean(dim=(1, 2, 3))[:, None]

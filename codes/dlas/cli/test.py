@@ -68,6 +68,18 @@ def check_tiling(args: argparse.Namespace) -> None:
                           f"{args.tile_overlap}", "--tile-overlap")
 
 
+def measure_scale(forward, lq, tile: Optional[int], network: str) -> int:
+    """The network's upscaling factor (on a corner crop); a ConfigError naming ``--network`` when it does not
+    return an image that is an integer multiple of its input (a discriminator picked by mistake)."""
+    from dlas.inference import infer_scale
+
+    try:
+        return infer_scale(forward, lq, tile or SCALE_PROBE_SIZE)
+    except ValueError as exc:
+        raise ConfigError(f"network '{network}' does not upscale images: {exc}; pick the generator with "
+                          "--network", "--network") from exc
+
+
 def report_user_errors(exc: UserError) -> int:
     """Print one ``error:`` line per problem; return exit code 2."""
     for problem in exc.problems:
@@ -155,8 +167,8 @@ def upscale_folder(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dlas.data.image_file import IMAGE_EXTENSIONS
-    from dlas.inference import (autocast_context, batch_forward, infer_scale, list_images, load_image,
-                                load_trained_network, prepare_output_folder, run_network, save_image, select_device)
+    from dlas.inference import (autocast_context, batch_forward, list_images, load_image, load_trained_network,
+                                prepare_output_folder, run_network, save_image, select_device)
 
     if not args.input or not args.output:
         raise ConfigError("--run needs --input DIR|FILE and --output DIR", "arguments")
@@ -190,7 +202,7 @@ def upscale_folder(args: argparse.Namespace) -> int:
         outputs = []
         with torch.no_grad(), autocast():
             if scale is None:  # measured on a small corner crop: cheap, and tiling needs it before the first tile
-                scale = infer_scale(forwards[0], lq, args.tile or SCALE_PROBE_SIZE)
+                scale = measure_scale(forwards[0], lq, args.tile, loaded.name)
             for forward in forwards:
                 output = run_network(forward, lq, scale, args.tile, args.tile_overlap)
                 outputs.append(output.float().clamp(0, 1)[0].cpu())
