@@ -28,8 +28,8 @@ class VGGStyleDiscriminator(nn.Module):
     """A VGG-style image classifier (BasicSR ``VGGStyleDiscriminator``) giving one real/fake logit per image.
 
     Five (six at 256) stages of [3x3 conv, norm, LeakyReLU 0.2, 4x4 stride-2 conv, norm, LeakyReLU 0.2] (no norm
-    after the very first conv) with nf, 2nf, 4nf, 8nf, 8nf channels take the input down to 4x4, then ``linear1`` (8nf*16 -> 100) and ``linear2``
-    (100 -> 1). 14,499,401 parameters at nf=64, input_size=128 with batch or group norm. Key names follow BasicSR
+    after the very first conv) with nf, 2nf, 4nf, 8nf, 8nf channels take the input down to 4x4, then ``linear1``
+    (8nf*16 -> 100) and ``linear2`` (100 -> 1). 14,499,401 parameters at nf=64, input_size=128 with batch or group norm. Key names follow BasicSR
     (``conv0_0``, ``conv0_1``, ``bn0_1``, ..., ``linear1``, ``linear2``; the norm layers keep the ``bn`` names
     whatever their kind).
 
