@@ -140,3 +140,9 @@ def test_starting_a_loader_leaves_the_global_torch_generator_alone(workers):
     torch.manual_seed(0)
     next(iter(build_loader(RandomVectors(6), batch_size=2, num_workers=workers, seed=1)))
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("seed", [2**62, 2**64 - 1])
+def test_a_64_bit_seed_builds_a_working_loader(seed):
+    loader = build_loader(RandomVectors(6), batch_size=2, seed=seed, rank=1, world_size=2)
+    assert len(next(iter(loader))["index"]) == 2

@@ -163,6 +163,6 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: b
             extra["prefetch_factor"] = prefetch_factor
     # A loader without its own generator draws its workers' base seed from the global torch RNG each time an
     # iterator starts, so a resumed run (whose iterator starts later) would drift from an uninterrupted one.
-    generator = torch.Generator().manual_seed(seed * 1000 + rank)
+    generator = torch.Generator().manual_seed((seed * 1000 + rank) % 2**63)  # any 64-bit config seed fits
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=training, generator=generator, **extra)
