@@ -145,3 +145,8 @@ def test_images_sharing_a_stem_keep_their_own_files_and_numbers(tmp_path):
     _build(temperatures=[0])(ctx)
     per_image = json.loads((ctx.out_dir / "per_image.json").read_text())
     assert len(per_image) == 2 and len(list(ctx.out_dir.glob("*.png"))) == 2
+
+
+def test_a_large_seed_works(tmp_path):
+    metrics = _build(temperatures=[0.5], seed=2**62)(_ctx(tmp_path, _net(), _items(count=1)))
+    assert math.isfinite(metrics["psnr_t0.5"])

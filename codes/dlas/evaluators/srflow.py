@@ -160,7 +160,7 @@ class SRFlowEvaluator(Evaluator):
             stem = Path(str(item.get("path", f"{index:05d}"))).stem
             if stem in per_image:  # e.g. a/001.png and b/001.png: one set of files and one entry each
                 stem = f"{stem}_{index}"
-            generator = torch.Generator(ctx.device).manual_seed(self.seed * 1_000_003 + index)
+            generator = torch.Generator(ctx.device).manual_seed((self.seed * 1_000_003 + index) % 2**63)
             values = self._score(flow, hq, lq, generator, ctx, stem)
             for name, value in values.items():
                 sums[name] += value
