@@ -261,8 +261,8 @@ class _Scorer:
             if "ssim" in self.metrics:
                 values["ssim"] = ssim(out, ref, crop, self.y_channel)
         except ValueError as exc:  # too small for the crop (or SSIM's 11x11 window)
-            raise DataError(f"cannot score this image: {exc}; lower --crop-border or leave out ssim",
-                            str(reference_file)) from exc
+            hint = "; lower --crop-border or leave out ssim" if "shape" not in str(exc) else ""
+            raise DataError(f"cannot score this image: {exc}{hint}", str(reference_file)) from exc
         if self.lpips is not None:
             values["lpips"] = self.lpips(out, ref)
         return values

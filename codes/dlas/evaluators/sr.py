@@ -131,8 +131,9 @@ class SREvaluator(Evaluator):
             try:
                 values = self._score(sr_image, hq_image, scale, ctx.device)
             except ValueError as exc:  # too small for crop_border (or SSIM's 11x11 window)
-                raise DataError(f"cannot score this image: {exc}; lower eval crop_border, leave out ssim or use "
-                                "larger validation images", source) from exc
+                hint = ("; lower eval crop_border, leave out ssim or use larger validation images"
+                        if "shape" not in str(exc) else "")
+                raise DataError(f"cannot score this image: {exc}{hint}", source) from exc
             if self._bicubic is None:
                 bicubic = F.interpolate(lq.float(), size=hq.shape[-2:], mode="bicubic", align_corners=False)
                 bicubic_sum += psnr(tensor_to_uint8(bicubic[0]), hq_image, self._crop(scale), self.y_channel)
