@@ -81,6 +81,30 @@ def test_gan_losses_are_float32_from_bf16_logits(gan_type):
     assert g_loss.item() == pytest.approx(exact_g.item(), rel=1e-6, abs=1e-6)
 
 
+SR_LOSS_CONFIGS = [
+    *({"type": "generator_gan", "gan_type": t, "noise": 0.004} for t in GAN_TYPES),
+    *({"type": "discriminator_gan", "gan_type": t, "noise": 0.004, "gradient_penalty": 1} for t in GAN_TYPES),
+    {"type": "discriminator_gan", "gradient_penalty": 1, "gp_type": "wgan_gp"},
+    {"type": "gradient_penalty", "gp_type": "wgan_gp"},
+    {"type": "translational", "patch_size": 16, "overlap": 8},
+]
+
+
+@pytest.mark.parametrize("cfg", SR_LOSS_CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_sr_losses_give_a_finite_float32_scalar_under_bf16_on_a_micro_batch_of_one(cfg):
+    # mega_batch_factor = batch_size hands every loss one image; precision: bf16 runs it under autocast.
+    torch.manual_seed(0)
+    generator = nn.Sequential(nn.Conv2d(3, 3 * 16, 3, padding=1), nn.PixelShuffle(4))
+    discriminator = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.LeakyReLU(0.2),
+                                  nn.Conv2d(8, 1, 3, padding=1))
+    ctx = Context(networks={"generator": generator, "discriminator": discriminator})
+    lq = torch.rand(1, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        state = {"lq": lq, "hq": torch.rand(1, 3, 32, 32), "gen": generator(lq)}
+        value = LOSSES.build(dict(cfg))(state, ctx)
+    assert value.dim() == 0 and value.dtype == torch.float32 and torch.isfinite(value)
+
+
 # ----------------------------------------------------------------------------------------------- GAN losses
 class MeanDiscriminator(nn.Module):
     """Logit = a * mean(image) + b."""
