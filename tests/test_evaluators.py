@@ -204,6 +204,8 @@ def test_sr_images_too_small_for_the_crop_are_a_data_error_naming_the_image(tmp_
 def test_sr_a_network_of_another_scale_than_the_dataset_is_named_as_such(tmp_path):
     with pytest.raises(DataError, match=r"x4.*x2"):
         build()(context(tmp_path, Nearest(scale=4), PairDataset(scale=2)))
+    with pytest.raises(DataError, match="dataset's scale"):  # tiled: the first tile already shows it
+        build(tile=8, tile_overlap=2)(context(tmp_path, Nearest(scale=4), PairDataset(scale=2)))
 
 
 def test_sr_non_finite_outputs_are_warned_about_naming_the_image(tmp_path, caplog):

@@ -113,9 +113,13 @@ class SREvaluator(Evaluator):
             lq = item["lq"].unsqueeze(0).to(ctx.device)
             hq = item["hq"]
             scale = hq.shape[-1] // lq.shape[-1]
-            with torch.no_grad(), ctx.autocast():
-                output = run_network(net, lq, scale, self.tile, self.tile_overlap)
             source = str(item.get("path", f"{index:05d}"))
+            with torch.no_grad(), ctx.autocast():
+                try:
+                    output = run_network(net, lq, scale, self.tile, self.tile_overlap)
+                except ValueError as exc:  # tiled_forward: a tile's output is not `scale` x the tile
+                    raise DataError(f"{exc}; the HQ images are x{scale} their LQ: set the dataset's scale to the "
+                                    "network's", source) from exc
             if output.shape[-2:] != hq.shape[-2:]:
                 net_scale = output.shape[-1] / lq.shape[-1]
                 hint = (f"the network upscales x{net_scale:g} but the dataset's HQ is x{scale} its LQ: set the "
