@@ -339,3 +339,24 @@ def test_resume_state_naming_a_file_of_the_checkpoint_points_at_its_folder(tmp_p
     assert load_config(str(TINY), [f"path.resume_state={folder}"])["path"]["resume_state"] == str(folder)
     # inference does not resume: it does not look
     assert load_config(str(TINY), [f"path.resume_state={tmp_path}/none"], training=False)
+
+
+@pytest.mark.parametrize("key, message", [
+    ("psnrr/psnr", "no evaluator named 'psnrr' under eval: (did you mean 'psnr'?)"),
+    ("psnr", "expected EVALUATOR/METRIC"),
+])
+def test_keep_best_must_name_an_evaluator(key, message):
+    # The trainer keeps a best checkpoint only when the metric appears in the results: a typo silently kept none.
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(TINY), [f"logger.keep_best={key}"])
+    assert message in problems_of(excinfo)["logger.keep_best"].message
+
+
+def test_keep_best_must_name_a_metric_the_evaluator_reports():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(TINY), ["+eval.sr={type: sr, network: generator, dataset: val}", "logger.keep_best=sr/pnsr"])
+    message = problems_of(excinfo)["logger.keep_best"].message
+    assert "evaluator 'sr' (sr) reports no metric 'pnsr' (did you mean 'psnr'?)" in message
+    assert load_config(str(TINY), ["+eval.sr={type: sr, network: generator, dataset: val}",
+                                   "logger.keep_best=sr/psnr"])["logger"]["keep_best"] == "sr/psnr"
+    assert load_config(str(TINY), ["logger.keep_best=psnr/psnr"])["logger"]["keep_best"] == "psnr/psnr"

@@ -391,6 +391,7 @@ def _check_training(cfg: dict, checker: Checker) -> None:
     if isinstance(cfg.get("steps"), dict) and not cfg["steps"]:
         checker.problem(("steps",), "training needs at least one step (steps: {NAME: {training: [...], "
                                     "optimizer: {...}, losses: {...}}})")
+    _check_keep_best(cfg, checker)
     resume = (cfg.get("path") or {}).get("resume_state") if isinstance(cfg.get("path"), dict) else None
     if isinstance(resume, str) and resume:
         # Checked here, before the run folder is touched; the trainer verifies the checkpoint's contents.
@@ -402,6 +403,39 @@ def _check_training(cfg: dict, checker: Checker) -> None:
             checker.problem(("path", "resume_state"), f"'{resume}' does not exist; give a checkpoint folder "
                                                       "path.root/NAME/checkpoints/STEP, e.g. "
                                                       "experiments/my_run/checkpoints/5000")
+
+
+def _check_keep_best(cfg: dict, checker: Checker) -> None:
+    """``logger.keep_best`` names an evaluator under ``eval:`` and, where its class says, a metric it reports.
+
+    The trainer keeps a best checkpoint only when the metric appears in the validation results, so a typo here
+    would silently keep none.
+    """
+    logger, evaluators = cfg.get("logger"), cfg.get("eval")
+    key = logger.get("keep_best") if isinstance(logger, dict) else None
+    if not isinstance(key, str) or not isinstance(evaluators, dict):
+        return
+    path = ("logger", "keep_best")
+    name, _, metric = key.partition("/")
+    if not name or not metric:
+        checker.problem(path, f"expected EVALUATOR/METRIC, e.g. sr/psnr (an evaluator under eval: and one of its "
+                              f"metrics), got {key!r}")
+        return
+    if name not in evaluators:
+        checker.problem(path, f"no evaluator named '{name}' under eval:{did_you_mean(name, evaluators)} "
+                              f"(eval: {', '.join(evaluators) or 'none are defined'})")
+        return
+    type_name = evaluators[name].get("type") if isinstance(evaluators[name], dict) else None
+    registry = REGISTRIES["evaluator"]
+    if not isinstance(type_name, str) or type_name not in registry:
+        return
+    try:
+        reports = getattr(registry.get(type_name), "higher_is_better", None)
+    except Exception:  # a component that cannot be imported is reported by its own check
+        return
+    if isinstance(reports, dict) and reports and metric not in reports:
+        checker.problem(path, f"evaluator '{name}' ({type_name}) reports no metric '{metric}'"
+                              f"{did_you_mean(metric, reports)}; it reports: {', '.join(reports)}")
 
 
 def _check_references(cfg: dict, checker: Checker) -> None:
