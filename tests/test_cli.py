@@ -260,3 +260,10 @@ def test_a_data_error_in_a_loader_worker_is_one_line(monkeypatch, capsys):
 def test_a_config_file_given_without_opt_suggests_opt(capsys):
     assert main([TINY, "--validate"]) == 2
     assert capsys.readouterr().err == f"error: -opt: give a config file: -opt FILE.yml (did you mean -opt {TINY}?)\n"
+
+
+def test_describe_with_a_config_knows_the_config_plugins():
+    # `dlas-train -opt run.yml --describe my_net`: the config's imports: are what make my_net exist.
+    result = run_train("-opt", TINY, "--describe", "tiny_net")
+    assert result.returncode == 0, result.stderr
+    assert "A stand-in upsampling network" in result.stdout

@@ -81,6 +81,8 @@ def _run(args: argparse.Namespace) -> int:
         from dlas.config.load import plugin_path
         from dlas.registry import import_plugins
 
+        if args.opt:  # the config's own plugins, without validating it (--describe helps fix a broken config)
+            _import_config_plugins(Path(args.opt))
         import_plugins([plugin_path(m) for m in args.imports], "--import")
         if args.list:
             print(list_components(args.list))
@@ -132,6 +134,20 @@ def _run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _import_config_plugins(file: Path) -> None:
+    """Import the ``imports:`` of ``file`` and its bases, for ``--list`` / ``--describe`` with ``-opt``."""
+    from dlas.config.inherit import load_with_bases
+    from dlas.config.load import plugin_path
+    from dlas.registry import import_plugins
+
+    if not file.is_file():
+        raise ConfigError(f"config file '{file}' {'is a folder, not a file' if file.is_dir() else 'does not exist'}",
+                          str(file))
+    listed = load_with_bases(file)[0].get("imports") or []
+    if isinstance(listed, list) and all(isinstance(m, str) for m in listed):
+        import_plugins([plugin_path(m, file.parent) for m in listed])
 
 
 def _trainer() -> Any:
