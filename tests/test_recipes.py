@@ -53,3 +53,13 @@ def test_recipe_trains_three_steps(recipe, tmp_path):
     runs = list(tmp_path.iterdir())
     assert len(runs) == 1
     assert (runs[0] / "checkpoints" / "3" / "manifest.json").is_file()
+
+
+def test_a_shape_mistake_in_a_late_gated_loss_is_caught_at_start(capsys):
+    # the discriminator only switches on after 100k steps; its input_size must still match the crop now
+    args = ["-opt", str(OPTIONS / "esrgan_x4.yml"), *TINY["esrgan_x4.yml"], "networks.discriminator.input_size=256"]
+    args = [a for a in args if not a.startswith("steps.discriminator.after")]
+    assert main([*args, "--validate"]) == 2
+    err = capsys.readouterr().err
+    assert "error: steps.discriminator.losses.gan" in err and "fails on a real training batch" in err
+    assert "Traceback" not in err

@@ -284,3 +284,20 @@ def test_grad_clip_matches_clip_grad_norm_and_norms_are_logged_per_network():
         assert float(logs["grad_norm/gen"]) == pytest.approx(float(norm), rel=1e-5)
         assert float(logs["gen/grad_norm"]) == pytest.approx(float(norm), rel=1e-5)
     assert_same_weights(trainer.networks["gen"], net, atol=1e-6)
+
+
+def test_debug_values_logged_by_losses_are_averaged_over_micro_batches():
+    cfg = base_cfg(mega_batch_factor=2)
+    trainer = build(cfg)
+    pix = trainer.steps[0].losses[0].loss
+    original = type(pix).forward
+
+    def logging_forward(self, state, ctx):
+        ctx.log("first_value", state["lq"].flatten()[0])
+        return original(self, state, ctx)
+
+    pix.forward = logging_forward.__get__(pix)
+    batch = batches(1)[0]
+    logs = trainer.train_step(batch)
+    expected = (batch["lq"][0].flatten()[0] + batch["lq"][2].flatten()[0]) / 2
+    assert float(logs["debug/first_value"]) == pytest.approx(float(expected))

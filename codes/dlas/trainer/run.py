@@ -78,12 +78,18 @@ def build_evaluators(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {name: EVALUATORS.build(dict(ecfg), f"eval.{name}") for name, ecfg in (cfg.get("eval") or {}).items()}
 
 
-def dataset_keys(dataset: Any) -> list[str]:
-    """The state keys a dataset's items provide (its ``keys`` attribute, else those of its first item)."""
-    keys = getattr(dataset, "keys", None)
-    if keys is not None and not callable(keys):
-        return list(keys)
-    return list(dataset[0].keys())
+def sample_batch(dataset: Any) -> dict[str, Any]:
+    """A batch of the dataset's first two items (one if it has one), for the start-up checks."""
+    from torch.utils.data import default_collate
+
+    return default_collate([dataset[i] for i in range(min(2, len(dataset)))])
+
+
+def check_on_data(trainer: ExtensibleTrainer, dataset: Any) -> None:
+    """The state graph (statically), then every injector and loss once on a real batch."""
+    batch = sample_batch(dataset)
+    trainer.check_graph(batch.keys())
+    trainer.dry_run(batch)
 
 
 def load_pretrained(cfg: Mapping[str, Any], trainer: ExtensibleTrainer) -> None:
@@ -111,7 +117,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     trainer = ExtensibleTrainer(cfg, torch.device("cpu"))
     build_evaluators(cfg)
     if "train" in datasets:
-        trainer.check_graph(dataset_keys(datasets["train"]))
+        check_on_data(trainer, datasets["train"])
     for key, file in (cfg.get("path") or {}).items():
         if key.startswith("pretrain_model_") and file and not Path(file).is_file():
             raise ConfigError(f"pretrained weights file '{file}' does not exist", f"path.{key}")
@@ -135,7 +141,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> None:
     if "train" not in datasets:
         raise ConfigError("training needs a 'train' dataset", "datasets.train")
     trainer = ExtensibleTrainer(cfg, device, dist=dist)
-    trainer.check_graph(dataset_keys(datasets["train"]))
+    check_on_data(trainer, datasets["train"])
     evaluators = build_evaluators(cfg)
 
     resume = cfg.get("path", {}).get("resume_state")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from dlas.errors import ConfigError, Problem
+from dlas.errors import ConfigError, Problem, UserError
 from dlas.registry import NETWORKS
 from dlas.trainer.context import Context
 from dlas.trainer.ema import EMA
@@ -92,6 +92,9 @@ class ExtensibleTrainer:
             self.frozen[name] = Gate(frozen.get("after"), frozen.get("before"), None,
                                       f"networks.{name}.frozen") if isinstance(frozen, dict) else bool(frozen)
         self.steps = [Step.from_config(name, scfg) for name, scfg in cfg["steps"].items()]
+        for step in self.steps:  # losses may hold modules or buffers (a VGG): they live where the data does
+            for item in step.losses:
+                item.loss.to(device)
         self._check_training_names()
 
         ema_cfg = train.get("ema")
@@ -233,6 +236,9 @@ class ExtensibleTrainer:
             for i, state in enumerate(states):
                 with self._no_sync(trainable, last=i == len(states) - 1):
                     logged = step.forward_backward(state, ctx, len(states), self.autocast)
+                for name, value in ctx.scalars.items():  # debug values: the mean over micro-batches
+                    scalars[name] = scalars.get(name, 0) + torch.as_tensor(value).detach().float() / len(states)
+                ctx.scalars.clear()
                 finite += [v.float() for k, v in logged.items() if "/" not in k]
                 for key, value in logged.items():
                     name = f"{step.name}/{key}"
@@ -256,7 +262,6 @@ class ExtensibleTrainer:
                 bad = [k for k, v in logs.items() if k.startswith(f"{step.name}/") and not torch.isfinite(v).all()]
                 log.warning("step %d: non-finite %s in step '%s'; update skipped (%d in a row)", it,
                             ", ".join(bad) or "gradient", step.name, self.bad_steps)
-            scalars.update(ctx.scalars)
         self._restore_grads()
         with warnings.catch_warnings():
             # a gated-off step's scheduler advances before its optimizer ever stepped; that is intended here
@@ -265,7 +270,7 @@ class ExtensibleTrainer:
                 if step.scheduler is not None:
                     step.scheduler.step()
         for name, value in scalars.items():
-            logs[f"debug/{name}"] = torch.as_tensor(value).detach().float()
+            logs[f"debug/{name}"] = value
         self.step = it
         self.last_states = states
         return logs
@@ -278,6 +283,40 @@ class ExtensibleTrainer:
                 if name in self.ddp:
                     stack.enter_context(self.ddp[name].no_sync())
         return stack
+
+    @torch.no_grad()
+    def dry_run(self, batch: Mapping[str, Any]) -> None:
+        """Run every injector and loss once on a real ``batch`` with all gates open, updating nothing.
+
+        A shape mistake (a discriminator's ``input_size`` that is not the crop size, an LR patch too small for
+        the translational loss) then stops the run at start with the component's dotted path, instead of at
+        step 100001 when its gate opens. Networks run in eval mode (no data-dependent init, no BatchNorm
+        statistics updated) and uncompiled.
+        """
+        modes = {name: net.training for name, net in self.networks.items()}
+        for net in self.networks.values():
+            net.eval()
+        state = self.to_device(batch)
+        ctx = Context(networks=self.networks, step=self.step + 1, training=False, device=self.device)
+        try:
+            for step in self.steps:
+                parts = [(f"injectors.{i.name}", i.injector, True) for i in step.injectors]
+                parts += [(f"losses.{i.name}", i.loss, False) for i in step.losses]
+                for name, component, is_injector in parts:
+                    try:
+                        with self.autocast():
+                            if is_injector:
+                                state.update(component(state, ctx))
+                            else:
+                                component(state, ctx)
+                    except (UserError, torch.OutOfMemoryError):
+                        raise
+                    except Exception as exc:  # a component that cannot run on this config's real data
+                        raise ConfigError(f"fails on a real training batch ({type(exc).__name__}: {exc})",
+                                          f"steps.{step.name}.{name}") from exc
+        finally:
+            for name, net in self.networks.items():
+                net.train(modes[name])
 
     # ------------------------------------------------------------------ evaluation helpers
     def eval_networks(self, use_ema: bool = True) -> dict[str, torch.nn.Module]:
