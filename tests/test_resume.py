@@ -236,15 +236,18 @@ def test_sigkill_at_random_moments_never_loses_a_complete_checkpoint(tmp_path):
                      checkpoint_tensors(run_dir, CRASH_NITER))
 
 
-def test_sigterm_saves_and_exits_zero(tmp_path):
-    config = write_config(tmp_path, "term", 10**6, save_freq=10**6)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_to_the_process_group_saves_and_exits_zero(tmp_path, workers):
+    # SLURM and torchrun signal the whole process group, loader workers included
+    config = write_config(tmp_path, "term", 10**6, save_freq=10**6, workers=workers)
     run_dir = tmp_path / "experiments" / "term"
-    proc = subprocess.Popen(_train_command(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_train_command(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
     log_file = run_dir / "train.log"
     deadline = time.time() + 120
     while time.time() < deadline and not (log_file.exists() and "step 3 " in log_file.read_text()):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()
     steps = [s for s, _ in ckpt.list_checkpoints(run_dir)]

@@ -301,3 +301,12 @@ def test_debug_values_logged_by_losses_are_averaged_over_micro_batches():
     logs = trainer.train_step(batch)
     expected = (batch["lq"][0].flatten()[0] + batch["lq"][2].flatten()[0]) / 2
     assert float(logs["debug/first_value"]) == pytest.approx(float(expected))
+
+
+def test_static_check_reports_visuals_nothing_produces():
+    cfg = base_cfg()
+    cfg["logger"] = {"visuals": ["lq", "out", "ouput"]}
+    with pytest.raises(ConfigError) as info:
+        build(cfg).check_graph(["lq", "hq"])
+    assert [p.path for p in info.value.problems] == ["logger.visuals[2]"]
+    assert "did you mean 'out'" in info.value.problems[0].message

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import random
+import signal
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -125,6 +126,11 @@ def seed_worker(worker_id: int, base_seed: int, rank: int) -> None:
     The built-in datasets do not need it (each item has its own generator), but user datasets that call
     ``random`` or ``np.random`` then differ between workers and ranks and repeat between runs.
     """
+    # SLURM and torchrun signal the whole process group: workers must leave SIGINT/SIGTERM to the trainer, which
+    # finishes its step and saves (a worker killed by them would make the loader raise before anything is saved).
+    # Workers still end with their parent: the loader's watchdog stops them when the trainer exits.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     seed = int(np.random.SeedSequence([base_seed, rank, worker_id]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)

@@ -61,6 +61,7 @@ class TrainLoop:
         self.dataset = dataset  # the train set, for its count of skipped bad images
         self.last_saved = trainer.step if trainer.step > 0 else -1  # a restored trainer sits on its checkpoint
         self.last_metrics: dict[str, float] = {}
+        self.warned_missing_best = False
         self.dist = dist
         self.is_main = dist is None or dist.rank == 0
         self.train_cfg, self.log_cfg = cfg["train"], cfg["logger"]
@@ -124,10 +125,16 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> dict:
+        first_signal: list[float] = []
+
         def request_stop(signum: int, frame: Any) -> None:
-            if self.stop_requested:  # a second Ctrl-C: the user insists
+            # torchrun forwards SIGINT then SIGTERM within a millisecond, and a terminal's Ctrl-C reaches every
+            # rank too: only a second signal a second or more after the first means "stop now, don't save".
+            if first_signal and time.monotonic() - first_signal[0] >= 1.0:
                 raise KeyboardInterrupt
-            log.info("received %s: finishing the current step, then saving", signal.Signals(signum).name)
+            if not first_signal:
+                first_signal.append(time.monotonic())
+                log.info("received %s: finishing the current step, then saving", signal.Signals(signum).name)
             self.stop_requested = True
 
         old = {}
@@ -209,6 +216,10 @@ class TrainLoop:
                 self.writer.add_scalars({f"val/{k}": v for k, v in metrics.items()}, step)
         # every rank has the same metrics, so every rank takes the same decision (saving is collective)
         key = self.log_cfg.get("keep_best")
+        if key and metrics and key not in metrics and not self.warned_missing_best:
+            log.warning("logger.keep_best is '%s', but validation reported only %s: no best checkpoint is kept "
+                        "(does the evaluator compute that metric?)", key, ", ".join(sorted(metrics)))
+            self.warned_missing_best = True
         if not key or key not in metrics or not math.isfinite(metrics[key]):
             return False
         higher = self.higher_is_better(key)

@@ -148,7 +148,11 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> None:
     found = None
     if resume:
         folder = Path(resume)
-        problems = ckpt.verify_checkpoint(folder) if (folder / ckpt.MANIFEST).is_file() else ["no manifest.json"]
+        if not folder.is_dir():
+            raise DataError("checkpoint folder does not exist (give experiments/NAME/checkpoints/STEP)",
+                            "path.resume_state")
+        problems = ckpt.verify_checkpoint(folder) if (folder / ckpt.MANIFEST).is_file() else \
+            ["it has no manifest.json (an incomplete or foreign folder)"]
         if problems:
             raise DataError(f"cannot resume from {folder}: {'; '.join(problems)}", "path.resume_state")
         found = (int(ckpt.load_state(folder)["step"]), folder)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from dlas.errors import ConfigError, Problem, UserError
+from dlas.errors import ConfigError, Problem, UserError, did_you_mean
 from dlas.registry import NETWORKS
 from dlas.trainer.context import Context
 from dlas.trainer.ema import EMA
@@ -137,7 +137,6 @@ class ExtensibleTrainer:
         for step in self.steps:
             for i, name in enumerate(step.training):
                 if name not in self.networks:
-                    from dlas.errors import did_you_mean
                     problems.append(Problem(f"steps.{step.name}.training[{i}]", f"unknown network '{name}'"
                                             f"{did_you_mean(name, self.networks)}"))
         if problems:
@@ -179,6 +178,10 @@ class ExtensibleTrainer:
                 if name not in reached:
                     problems.append(Problem(f"steps.{step.name}.training[{i}]", f"network '{name}' is trained by "
                                             "this step, but none of its losses depends on it"))
+        for i, key in enumerate((self.cfg.get("logger") or {}).get("visuals") or []):
+            if key not in available:
+                problems.append(Problem(f"logger.visuals[{i}]", f"no dataset or injector produces '{key}'"
+                                        f"{did_you_mean(key, available)}"))
         if problems:
             raise ConfigError(problems)
 
