@@ -13,12 +13,12 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
 
-from dlas.errors import DataError
+from dlas.errors import DataError, UserError
 
 # Checked in this order: BasicSR saves both and the EMA weights are the better ones (Real-ESRGAN prefers them too).
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
@@ -76,6 +76,22 @@ def _is_safetensors(path: Path) -> bool:
         return False
     (header_len,) = struct.unpack("<Q", head[:8])
     return head[8:9] == b"{" and 0 < header_len < path.stat().st_size
+
+
+def pretrained_weights_file(file_name: str, url: str, needed_by: str, weights_path: Optional[PathLike] = None,
+                            error: type[UserError] = DataError, key: Optional[str] = None) -> Path:
+    """Where the published weights ``file_name`` are: ``weights_path`` if given, else torch hub's cache.
+
+    Nothing is ever downloaded: when the file is absent, ``error`` names it, where to put it and ``url`` (the
+    problem's path is ``key``, else the file).
+    """
+    file = Path(os.path.expanduser(str(weights_path))) if weights_path else \
+        Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    if not file.is_file():
+        where = f"weights_path ({file})" if weights_path else f"torch hub's cache, {file}"
+        raise error(f"{needed_by} needs {file_name}, not found at {where}: download {url} on a machine with "
+                    "internet and put it there (or set weights_path, or TORCH_HOME)", key or str(file))
+    return file
 
 
 def read_weights_file(path: PathLike) -> dict[str, Any]:

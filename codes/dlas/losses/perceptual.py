@@ -1,9 +1,7 @@
 """The perceptual (VGG feature) loss of SRGAN/ESRGAN."""
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 from typing import Literal, Mapping, Optional
 
 import torch
@@ -14,7 +12,7 @@ from dlas.errors import ConfigError, DataError, did_you_mean
 from dlas.losses.base import Loss
 from dlas.registry import LOSSES
 from dlas.trainer.context import Context
-from dlas.weights import extract_state_dict, read_weights_file
+from dlas.weights import extract_state_dict, pretrained_weights_file, read_weights_file
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = f"https://download.pytorch.org/models/{VGG19_FILE}"
@@ -35,11 +33,6 @@ def vgg19_layer_indices() -> dict[str, int]:
         names[f"pool{stage}"] = index
         index += 1
     return names
-
-
-def default_vgg19_path() -> Path:
-    """Where torchvision would have cached the ImageNet VGG19 weights: ``$TORCH_HOME/hub/checkpoints``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
 
 
 @LOSSES.register("perceptual")
@@ -152,14 +145,8 @@ def _frozen_vgg19_features(depth: int, weights_path: Optional[str]) -> nn.Sequen
 
 
 def _load_vgg19_weights(features: nn.Sequential, weights_path: Optional[str]) -> None:
-    path = Path(os.path.expanduser(weights_path)) if weights_path else default_vgg19_path()
-    if not path.is_file():
-        where = f"weights_path ({path})" if weights_path else f"torch hub's cache, {path}"
-        raise ConfigError(
-            f"VGG19 ImageNet weights not found at {where}: download {VGG19_URL} on a machine with internet and put "
-            f"the file there (or set weights_path to its location)",
-            "weights_path",
-        )
+    path = pretrained_weights_file(VGG19_FILE, VGG19_URL, "the perceptual loss (VGG19 ImageNet weights)",
+                                   weights_path, ConfigError, "weights_path")
     state = extract_state_dict(read_weights_file(path), str(path))
     wanted = features.state_dict()
     found = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}

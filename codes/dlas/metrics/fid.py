@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dlas.errors import DataError
+from dlas.weights import pretrained_weights_file
 
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
 INCEPTION_URL = "https://download.pytorch.org/models/inception_v3_google-0cc3c7bd.pth"
@@ -33,13 +34,8 @@ class InceptionFeatures(torch.nn.Module):
         super().__init__()
         from torchvision.models import inception_v3  # torchvision is only needed when FID is used
 
-        file = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-        if not file.is_file():
-            raise DataError(
-                f"FID needs the InceptionV3 ImageNet weights {INCEPTION_FILE}, not found here; download "
-                f"{INCEPTION_URL} and put it at {file} (or pass weights_path / set TORCH_HOME)",
-                str(file),
-            )
+        file = pretrained_weights_file(INCEPTION_FILE, INCEPTION_URL, "FID (InceptionV3 ImageNet weights)",
+                                       weights_path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             net = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=False)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dlas.errors import DataError
+from dlas.weights import pretrained_weights_file
 from dlas.metrics.convention import as_hwc
 
 # torchvision's ImageNet weights for each LPIPS backbone: file name in the hub cache and where to get it.
@@ -32,14 +33,7 @@ def backbone_weights_file(net: str = "alex", weights_path: Optional[Union[str, P
     if net not in BACKBONE_WEIGHTS:
         raise ValueError(f"LPIPS net must be one of {sorted(BACKBONE_WEIGHTS)}, got {net!r}")
     name, url = BACKBONE_WEIGHTS[net]
-    file = Path(weights_path) if weights_path else Path(torch.hub.get_dir()) / "checkpoints" / name
-    if not file.is_file():
-        raise DataError(
-            f"LPIPS ({net}) needs the torchvision ImageNet backbone weights {name}, not found here; "
-            f"download {url} and put it at {file} (or pass weights_path / set TORCH_HOME)",
-            str(file),
-        )
-    return file
+    return pretrained_weights_file(name, url, f"LPIPS ({net}, torchvision ImageNet backbone)", weights_path)
 
 
 class LPIPSMetric:
