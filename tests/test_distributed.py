@@ -1,13 +1,11 @@
 """DDP on the CPU (gloo) under torchrun: 2 processes train like 1 with the same global batch."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,20 +54,16 @@ def config(tmp: Path, name: str, niter: int, gen_type: str = "test_conv") -> Pat
     return path
 
 
-def env() -> dict[str, str]:
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "plugins"), e.get("PYTHONPATH", "")])
-    e["OMP_NUM_THREADS"] = "1"
-    return e
 
 
-def launch(cfg: Path, nproc: int, timeout: float = 240) -> subprocess.CompletedProcess:
+def launch(cfg: Path, nproc: int, env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
     if nproc == 1:
         cmd = [sys.executable, str(REPO / "codes" / "train.py"), "-opt", str(cfg)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(REPO / "codes" / "train.py"), "-opt", str(cfg)]
-    return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=timeout)
+    env = dict(env, OMP_NUM_THREADS="1")  # two ranks share two cores
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def weights(tmp: Path, name: str, step: int) -> dict[str, torch.Tensor]:
@@ -77,10 +71,10 @@ def weights(tmp: Path, name: str, step: int) -> dict[str, torch.Tensor]:
     return {f"{f.stem}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
-    single = launch(config(tmp_path, "single", 4), 1)
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, plugin_env):
+    single = launch(config(tmp_path, "single", 4), 1, plugin_env)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = launch(config(tmp_path, "double", 4), 2)
+    double = launch(config(tmp_path, "double", 4), 2, plugin_env)
     assert double.returncode == 0, double.stderr[-3000:]
     a, b = weights(tmp_path, "single", 4), weights(tmp_path, "double", 4)
     assert a.keys() == b.keys() and {"gen/body.0.weight", "critic/conv.weight"} <= {k for k in a}
@@ -94,11 +88,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
     assert log.count("step 4 ") == 1
 
 
-def test_resume_under_two_processes_continues_exactly(tmp_path):
-    assert launch(config(tmp_path, "whole", 4), 2).returncode == 0
-    first = launch(config(tmp_path, "parts", 2), 2)
+def test_resume_under_two_processes_continues_exactly(tmp_path, plugin_env):
+    assert launch(config(tmp_path, "whole", 4), 2, plugin_env).returncode == 0
+    first = launch(config(tmp_path, "parts", 2), 2, plugin_env)
     assert first.returncode == 0, first.stderr[-3000:]
-    second = launch(config(tmp_path, "parts", 4), 2)
+    second = launch(config(tmp_path, "parts", 4), 2, plugin_env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from checkpoint" in second.stdout + second.stderr
     a, b = weights(tmp_path, "whole", 4), weights(tmp_path, "parts", 4)
@@ -106,9 +100,9 @@ def test_resume_under_two_processes_continues_exactly(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_a_rank_that_raises_ends_the_whole_job(tmp_path):
+def test_a_rank_that_raises_ends_the_whole_job(tmp_path, plugin_env):
     start = time.time()
-    result = launch(config(tmp_path, "fails", 4, gen_type="test_fails_on_rank"), 2, timeout=180)
+    result = launch(config(tmp_path, "fails", 4, gen_type="test_fails_on_rank"), 2, plugin_env, timeout=180)
     assert result.returncode != 0
     assert "deliberate failure on rank 1" in result.stdout + result.stderr
     assert time.time() - start < 120

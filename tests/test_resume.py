@@ -198,21 +198,17 @@ def _train_command(config: Path) -> list[str]:
     return [sys.executable, str(REPO / "codes" / "train.py"), "-opt", str(config)]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "plugins"), env.get("PYTHONPATH", "")])
-    return env
 
 
-def test_sigkill_at_random_moments_never_loses_a_complete_checkpoint(tmp_path):
+def test_sigkill_at_random_moments_never_loses_a_complete_checkpoint(tmp_path, plugin_env):
     reference = write_config(tmp_path, "reference", CRASH_NITER, save_freq=1, gan_after=10)
-    subprocess.run(_train_command(reference), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(_train_command(reference), env=plugin_env, check=True, capture_output=True, timeout=300)
     victim = write_config(tmp_path, "victim", CRASH_NITER, save_freq=1, gan_after=10)
     rng = random.Random(0)
     kills = 0
     run_dir = tmp_path / "experiments" / "victim"
     while kills < 10:
-        proc = subprocess.Popen(_train_command(victim), env=_env(), stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen(_train_command(victim), env=plugin_env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         before = [s for s, _ in ckpt.list_checkpoints(run_dir)]
         # wait until training is under way (a new checkpoint appears), then kill at a random moment
@@ -231,17 +227,17 @@ def test_sigkill_at_random_moments_never_loses_a_complete_checkpoint(tmp_path):
         found = ckpt.latest_valid_checkpoint(run_dir)
         assert found is not None, "a kill left no complete checkpoint behind"
     assert kills >= 10, f"training finished after only {kills} kills; make it longer"
-    subprocess.run(_train_command(victim), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(_train_command(victim), env=plugin_env, check=True, capture_output=True, timeout=300)
     assert_identical(checkpoint_tensors(tmp_path / "experiments" / "reference", CRASH_NITER),
                      checkpoint_tensors(run_dir, CRASH_NITER))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigterm_to_the_process_group_saves_and_exits_zero(tmp_path, workers):
+def test_sigterm_to_the_process_group_saves_and_exits_zero(tmp_path, workers, plugin_env):
     # SLURM and torchrun signal the whole process group, loader workers included
     config = write_config(tmp_path, "term", 10**6, save_freq=10**6, workers=workers)
     run_dir = tmp_path / "experiments" / "term"
-    proc = subprocess.Popen(_train_command(config), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_train_command(config), env=plugin_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     log_file = run_dir / "train.log"
     deadline = time.time() + 120

@@ -18,13 +18,7 @@ from dlas.models.srflow.srflow import SRFlow
 from dlas.registry import EVALUATORS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run ~10x faster on one thread than with threads competing for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _items(count: int = 2, size: int = 16) -> list[dict]:

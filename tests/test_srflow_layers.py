@@ -20,13 +20,7 @@ from dlas.models.srflow.layers import (
 COND_CHANNELS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run ~10x faster on one thread than with threads competing for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomise_zero_convs(layer: nn.Module) -> None:

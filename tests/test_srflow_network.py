@@ -17,13 +17,7 @@ from dlas.registry import NETWORKS
 TINY = dict(nf=8, nb=1, gc=8, K=2, L=2, hidden_channels=8, encoder_blocks=[0], scale=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions run ~10x faster on one thread than with threads competing for a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(**overrides) -> SRFlow:
