@@ -267,3 +267,12 @@ def test_describe_with_a_config_knows_the_config_plugins():
     result = run_train("-opt", TINY, "--describe", "tiny_net")
     assert result.returncode == 0, result.stderr
     assert "A stand-in upsampling network" in result.stdout
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_line_naming_path_root(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["-opt", TINY, f"path.root={blocker}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: path.root") and "cannot create or write the run folder" in err
+    assert "Traceback" not in err

@@ -314,3 +314,13 @@ def test_keep_best_keeps_the_best_validated_checkpoint_besides_the_newest(tmp_pa
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [4, 8]
     assert ckpt.read_best(run_dir) == {"metric": "scripted/psnr", "value": 30.0, "step": 4}
     assert json.loads((run_dir / "val" / "6" / "metrics.json").read_text()) == {"scripted/psnr": 20.0}
+
+
+def test_a_batch_that_mega_batching_cannot_split_is_a_config_error_before_training(tmp_path):
+    from dlas.errors import ConfigError
+
+    cfg = load_config(str(write_config(tmp_path, "split", 2)), ["datasets.train.batch_size=3"])
+    with pytest.raises(ConfigError) as info:
+        train(cfg, tmp_path / "experiments" / "split")
+    assert info.value.problems[0].path == "datasets.train.batch_size"
+    assert ckpt.list_checkpoints(tmp_path / "experiments" / "split") == []

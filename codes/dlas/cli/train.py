@@ -118,7 +118,11 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg["path"]["root"]) / cfg["name"]
     from dlas.logging.console import setup_logging
 
-    notes = _prepare_run_dir(run_dir, dump_config(cfg), fresh=args.fresh) if rank == 0 else []
+    try:
+        notes = _prepare_run_dir(run_dir, dump_config(cfg), fresh=args.fresh) if rank == 0 else []
+    except OSError as exc:  # a root that cannot be created or written: nothing has started yet
+        raise ConfigError(f"cannot create or write the run folder {run_dir}: {exc.strerror or exc}",
+                          "path.root") from None
     log = setup_logging(run_dir, rank)
     log.info("run folder %s (config %s%s)", run_dir, args.opt,
              f", overrides: {' '.join(args.overrides)}" if args.overrides else "")

@@ -171,6 +171,10 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> None:
     if batch_size % world:
         raise ConfigError(f"batch_size {batch_size} is the global batch and must divide by the {world} ranks",
                           "datasets.train.batch_size")
+    if (batch_size // world) % trainer.mega_batch_factor:
+        raise ConfigError(f"each rank's batch of {batch_size // world} cannot be split into "
+                          f"{trainer.mega_batch_factor} equal micro-batches (train.mega_batch_factor)",
+                          "datasets.train.batch_size")
 
     def make_loader(start_samples: int):
         from dlas.data.sampler import build_loader
