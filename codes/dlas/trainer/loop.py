@@ -163,7 +163,11 @@ class TrainLoop:
 
     def _log_window(self, window: dict, step: int, progress) -> None:
         n = max(window["n"], 1)
-        values = {k: float(v) / n for k, v in window["logs"].items()}  # the window's one host sync
+        keys = list(window["logs"])
+        device = self.trainer.device
+        sums = torch.stack([torch.as_tensor(window["logs"][k]).float().to(device) for k in keys]).tolist() \
+            if keys else []  # the window's one host sync
+        values = {k: v / n for k, v in zip(keys, sums)}
         if self.dist:
             values = self.dist.average_scalars(values)
         elapsed = time.perf_counter() - window["start"]
@@ -198,7 +202,7 @@ class TrainLoop:
             return
         from dlas.logging.visuals import save_visuals
 
-        state = self.trainer.last_states[0]
+        state = self.trainer.last_state
         keys = [k for k in self.log_cfg["visuals"] if isinstance(state.get(k), torch.Tensor)]
         save_visuals({k: state[k] for k in keys}, self.run_dir / "visuals" / str(step), self.writer, step)
 

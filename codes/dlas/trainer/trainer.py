@@ -275,7 +275,7 @@ class ExtensibleTrainer:
         for name, value in scalars.items():
             logs[f"debug/{name}"] = value
         self.step = it
-        self.last_states = states
+        self.last_state = states[0]  # for visuals: one micro-batch, not the whole batch's tensors
         return logs
 
     def _no_sync(self, trainable: set[str], last: bool) -> contextlib.AbstractContextManager:
