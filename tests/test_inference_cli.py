@@ -174,7 +174,7 @@ def test_a_run_without_checkpoints_is_exit_2(tmp_path, capsys):
 
 
 def test_opt_mode_runs_the_evaluators_of_a_test_config(tmp_path, capsys):
-    run = make_run(tmp_path)
+    make_run(tmp_path)
     hq = make_images(tmp_path / "hq", count=2, size=24)
     for i, image in enumerate(hq):  # LQ = every other pixel, so nearest x2 is close to HQ
         save_image(tmp_path / "lqp" / f"im{i}.png", image[::2, ::2])

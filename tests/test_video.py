@@ -49,7 +49,7 @@ def run(tmp_path):
 @pytest.mark.parametrize("suffix", [".mp4", ".avi"])
 def test_upscales_every_frame_keeping_the_frame_rate(tmp_path, run, suffix):
     source = tmp_path / "clip.avi"
-    clip = write_clip(source)
+    write_clip(source)
     out = tmp_path / f"out{suffix}"
     assert process_video.main(["--run", str(run), "--input", str(source), "--output", str(out), "--batch", "3"]) == 0
     frames, fps = read_clip(out)

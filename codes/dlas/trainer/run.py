@@ -185,28 +185,27 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> None:
                             rank=rank, world_size=world, start_samples=start_samples // world,
                             pin_memory=device.type == "cuda")
 
-    evaluate = None
-    if evaluators:
+    def evaluate(step: int) -> dict[str, float]:
         from dlas.evaluators.base import EvalContext
 
-        def evaluate(step: int) -> dict[str, float]:
-            metrics: dict[str, float] = {}
-            nets = trainer.eval_networks(use_ema=True)
-            with torch.no_grad():
-                for name, evaluator in evaluators.items():
-                    ctx = EvalContext(networks=nets, datasets=datasets, out_dir=run_dir / "val" / str(step) / name,
-                                      step=step, device=device, autocast=trainer.autocast,
-                                      compute_losses=trainer.compute_losses, rank=rank, world_size=world,
-                                      all_reduce_sum=dist.all_reduce_sum if dist else (lambda t: t))
-                    metrics.update({f"{name}/{k}": float(v) for k, v in evaluator(ctx).items()})
-            return metrics
+        metrics: dict[str, float] = {}
+        nets = trainer.eval_networks(use_ema=True)
+        with torch.no_grad():
+            for name, evaluator in evaluators.items():
+                ctx = EvalContext(networks=nets, datasets=datasets, out_dir=run_dir / "val" / str(step) / name,
+                                  step=step, device=device, autocast=trainer.autocast,
+                                  compute_losses=trainer.compute_losses, rank=rank, world_size=world,
+                                  all_reduce_sum=dist.all_reduce_sum if dist else (lambda t: t))
+                metrics.update({f"{name}/{k}": float(v) for k, v in evaluator(ctx).items()})
+        return metrics
 
     def higher_is_better(key: str) -> bool:
         name, _, metric = key.partition("/")
         evaluator = evaluators.get(name)
         return evaluator.is_higher_better(metric) if hasattr(evaluator, "is_higher_better") else "loss" not in key
 
-    loop = TrainLoop(cfg, run_dir, trainer, make_loader, evaluate, dist, higher_is_better, datasets["train"])
+    loop = TrainLoop(cfg, run_dir, trainer, make_loader, evaluate if evaluators else None, dist, higher_is_better,
+                     datasets["train"])
     try:
         loop.run()
     finally:

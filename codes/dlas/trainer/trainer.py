@@ -40,7 +40,7 @@ def enable_checkpointing(net: torch.nn.Module, name: str) -> int:
         containers = [m for m in net.modules() if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))]
         modules = list(max(containers, key=len)) if containers else []
     if not modules:
-        raise ConfigError(f"network has no blocks to checkpoint (give it a checkpoint_modules() method)",
+        raise ConfigError("network has no blocks to checkpoint (give it a checkpoint_modules() method)",
                           f"networks.{name}.checkpointing")
     for module in modules:
         forward = module.forward
