@@ -16,8 +16,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from dlas.cli.test import (Parser, add_inference_arguments, add_run_arguments, check_tiling, measure_scale,
-                           report_user_errors)
+from dlas.cli.test import Parser, add_inference_arguments, add_run_arguments, check_tiling, report_user_errors
 from dlas.errors import ConfigError, DataError, UserError
 
 FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".avi": "MJPG", ".mov": "mp4v", ".mkv": "mp4v"}
@@ -67,8 +66,9 @@ def process(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from dlas.inference import (autocast_context, load_trained_network, prepare_output_folder, run_network,
-                                save_image, select_device, tensor_to_uint8)
+    from dlas.build import RunNetworks, autocast, select_device
+    from dlas.inference import prepare_output_folder, save_image, tensor_to_uint8
+    from dlas.inference.tasks import UpscaleTask
 
     if not args.run:
         raise ConfigError("give the trained run: --run experiments/NAME", "--run")
@@ -94,18 +94,22 @@ def process(args: argparse.Namespace) -> int:
         raise DataError("OpenCV cannot open this video (unknown container or codec)", str(source))
     fps = capture.get(cv2.CAP_PROP_FPS) or 25.0  # some containers do not store it: 25 is the common default
     total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-    device = select_device(args.device)
-    loaded = load_trained_network(args.run, args.network, args.step, args.best, args.ema, device)
-    autocast = autocast_context(args.precision or "fp32", device)
-    writer, scale, written = None, None, 0
+    device = select_device(args.device, option="--device")
+    networks = RunNetworks(args.run, args.step, args.best, args.ema, device)
+    try:
+        task = UpscaleTask(networks, networks.config, device, autocast(args.precision or "fp32", device, "--precision"),
+                           network=args.network, tile=args.tile, tile_overlap=args.tile_overlap)
+    except ConfigError as exc:
+        raise ConfigError(exc.problems[0].message, "--network") from None
+    writer, written = None, 0
     try:
         with tqdm(total=total, desc="process_video", unit="frame", disable=None) as progress:
             for frames in read_batches(capture, args.batch):
-                lq = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255).to(device)
-                with torch.no_grad(), autocast():
-                    if scale is None:  # measured on a corner crop: a whole 4K frame would cost a second pass
-                        scale = measure_scale(loaded.network, lq[:1], args.tile, loaded.name)
-                    upscaled = run_network(loaded.network, lq, scale, args.tile, args.tile_overlap)
+                lq = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float().div(255)
+                try:
+                    upscaled = task.upscale(lq)
+                except ConfigError as exc:  # a network that does not return images: named by its flag
+                    raise ConfigError(exc.problems[0].message, "--network") from None
                 for frame in upscaled:
                     rgb = tensor_to_uint8(frame)
                     if writer is None:
@@ -121,7 +125,7 @@ def process(args: argparse.Namespace) -> int:
             writer.release()
     if written == 0:
         raise DataError("the video has no readable frames", str(source))
-    print(f"{written} frames x{scale} at {fps:g} fps -> {output}")
+    print(f"{written} frames x{task.scale_factor} at {fps:g} fps -> {output}")
     return 0
 
 

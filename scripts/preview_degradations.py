@@ -17,43 +17,18 @@ from typing import Any
 
 import numpy as np
 
+from dlas import build
+from dlas.config import load_config
+from dlas.data.collate import wants_epoch_keys
 from dlas.data.image_file import write_image
 from dlas.data.sampler import ResumableSampler
-from dlas.errors import ConfigError, Problem, UserError
-from dlas.registry import DATASETS
-
-LOADER_KEYS = ("batch_size", "num_workers", "shuffle")
-
-
-def load_config(path: str, overrides: list[str]) -> dict[str, Any]:
-    try:
-        from dlas.config import load_config as load_dlas_config
-    except ImportError:
-        load_dlas_config = None
-    if load_dlas_config is not None:
-        return load_dlas_config(path, overrides, training=False)  # only the datasets matter here
-    # FALLBACK while dlas.config is unavailable: plain YAML, no bases, overrides or validation.
-    import yaml
-
-    if overrides:
-        raise ConfigError("key=value overrides need dlas.config, which failed to import", "overrides")
-    with open(path) as file:
-        return yaml.safe_load(file)
+from dlas.errors import ConfigError, UserError
 
 
 def build_dataset(cfg: dict[str, Any], name: str) -> Any:
-    datasets = cfg.get("datasets") or {}
-    if name not in datasets:
-        raise ConfigError(f"no dataset '{name}'; the config has: {', '.join(datasets) or 'none'}", "datasets")
-    entry = {k: v for k, v in datasets[name].items() if k not in LOADER_KEYS}
-    try:
-        dataset = DATASETS.build(entry, f"datasets.{name}")
-    except ConfigError as exc:  # the dataset names its own options; give them their place in the config
-        raise ConfigError([p if p.path.startswith("datasets.") else
-                           Problem(f"datasets.{name}.{p.path}", p.message, p.line, p.file)
-                           for p in exc.problems]) from None
-    dataset.seed = cfg.get("seed", 0) or 0
-    return dataset
+    if name not in cfg["datasets"]:
+        raise ConfigError(f"no dataset '{name}'; the config has: {', '.join(cfg['datasets']) or 'none'}", "--dataset")
+    return build.build_datasets(cfg, [name])[name]
 
 
 def side_by_side(lq: np.ndarray, hq: np.ndarray) -> np.ndarray:
@@ -80,14 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg: Any = {}
     out: Any = args.out
     try:
-        cfg = load_config(args.opt, args.overrides)
+        cfg = load_config(args.opt, args.overrides, training=False)  # only the datasets matter here
         dataset = build_dataset(cfg, args.dataset)
-        entry = cfg["datasets"][args.dataset]
-        shuffle = entry.get("shuffle")
-        sampler = ResumableSampler(len(dataset), shuffle=args.dataset == "train" if shuffle is None else shuffle,
-                                   seed=cfg.get("seed", 0) or 0)
-        out = Path(args.out or Path("experiments") / str(cfg.get("name") or Path(args.opt).stem)
-                   / f"preview_{args.dataset}")
+        sampler = ResumableSampler(len(dataset), shuffle=cfg["datasets"][args.dataset]["shuffle"], seed=cfg["seed"],
+                                   epoch_keys=wants_epoch_keys(dataset))
+        out = Path(args.out or Path(cfg["path"]["root"]) / cfg["name"] / f"preview_{args.dataset}")
         out.mkdir(parents=True, exist_ok=True)
         keys = iter(sampler)
         for i in range(args.n):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dlas.trainer import checkpoint as ckpt
+from dlas import checkpoint as ckpt
 
 REPO = Path(__file__).resolve().parents[1]
 

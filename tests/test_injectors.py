@@ -4,7 +4,7 @@ import torch
 
 from dlas.errors import ConfigError
 from dlas.registry import INJECTORS
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 
 def build(**cfg):
@@ -32,7 +32,7 @@ class DictOutput(torch.nn.Module):
 
 @pytest.fixture
 def ctx():
-    return Context(networks={"doubler": Doubler(), "two": TwoOutputs(), "dict": DictOutput()}, step=1)
+    return Context(networks={"doubler": Doubler(), "two": TwoOutputs(), "dict": DictOutput()}, iteration=1)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import torch
 
 from dlas.errors import ConfigError
 from dlas.registry import LOSSES
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 CTX = Context(networks={})
 # Errors of 0, 1, -2 and 3 (fake - real).

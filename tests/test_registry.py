@@ -179,7 +179,8 @@ def decorators_in_source() -> dict[tuple[str, str], str]:
     return found
 
 
-TABLES = ("NETWORKS", "INJECTORS", "LOSSES", "DATASETS", "EVALUATORS", "OPTIMIZERS", "SCHEDULERS")
+TABLES = ("NETWORKS", "INJECTORS", "LOSSES", "DATASETS", "EVALUATORS", "OPTIMIZERS", "SCHEDULERS", "DEGRADATIONS",
+          "TASKS")
 
 
 def test_every_built_in_table_entry_points_at_a_module_that_registers_it():

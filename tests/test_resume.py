@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from dlas.config import load_config
-from dlas.trainer import checkpoint as ckpt
+from dlas import checkpoint as ckpt
 from dlas.trainer.run import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from torch import nn
 from dlas.errors import ConfigError
 from dlas.losses.gan import discriminator_adversarial_loss, generator_adversarial_loss, gradient_penalty
 from dlas.registry import INJECTORS, LOSSES
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 GAN_TYPES = ["vanilla", "lsgan", "ragan", "hinge", "wgan"]
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import trainer_components  # noqa: F401  (registers test_conv, test_critic, test_random_pairs)
+from dlas.config import resolve_config
 from dlas.errors import ConfigError
 from dlas.trainer.ema import EMA
 from dlas.trainer.schedules import Gate
@@ -44,7 +45,7 @@ def batches(n, batch_size=4, size=8, seed=0):
 
 def build(cfg, seed=0):
     torch.manual_seed(seed)
-    return ExtensibleTrainer(cfg, CPU)
+    return ExtensibleTrainer(resolve_config(cfg, training=False), CPU)
 
 
 def reference_net(seed=0, nf=4):
@@ -66,7 +67,7 @@ def test_config_run_equals_hand_written_loop():
         opt.zero_grad()
         F.l1_loss(net(batch["lq"]), batch["hq"]).backward()
         opt.step()
-    assert trainer.step == 5
+    assert trainer.iteration == 5
     assert_same_weights(trainer.networks["gen"], net, atol=0)
 
 

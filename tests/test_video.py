@@ -107,23 +107,29 @@ def test_an_output_that_cannot_be_written_is_exit_2_naming_it(tmp_path, run, cap
     assert len(err) == 1 and err[0].startswith("error:") and "afile" in err[0]
 
 
-def test_the_scale_is_measured_on_a_small_crop_not_a_whole_frame(tmp_path, run, monkeypatch):
-    import dlas.inference
+def test_each_batch_of_frames_runs_once_and_tiling_measures_the_scale_on_a_small_crop(tmp_path, run, monkeypatch):
+    from dlas.build import RunNetworks
 
     seen = []
-    load = dlas.inference.load_trained_network
+    load = RunNetworks.load
 
-    def recording_load(*args, **kwargs):
-        loaded = load(*args, **kwargs)
-        loaded.network.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape)))
+    def recording_load(self, *args, **kwargs):
+        fresh = not self._loaded
+        loaded = load(self, *args, **kwargs)
+        if fresh:
+            loaded.network.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape)))
         return loaded
 
-    monkeypatch.setattr(dlas.inference, "load_trained_network", recording_load)
+    monkeypatch.setattr(RunNetworks, "load", recording_load)
     source = tmp_path / "clip.avi"
     write_clip(source, frames=2, size=96)
     assert process_video.main(["--run", str(run), "--input", str(source), "--output", str(tmp_path / "o.avi"),
                                "--batch", "2"]) == 0
-    assert seen == [(1, 3, 64, 64), (2, 3, 96, 96)]  # a 64-pixel probe, then the batch itself
+    assert seen == [(2, 3, 96, 96)]  # no probe: the scale is read off the output
+    seen.clear()
+    assert process_video.main(["--run", str(run), "--input", str(source), "--output", str(tmp_path / "t.avi"),
+                               "--batch", "2", "--tile", "48", "--tile-overlap", "8"]) == 0
+    assert seen[0] == (1, 3, 48, 48) and all(shape[-1] == 48 for shape in seen)  # a one-tile probe, then tiles
 
 
 def test_writing_the_output_over_the_input_video_is_refused(tmp_path, run, capsys):

@@ -58,6 +58,25 @@ OPTIMIZERS = {
     "sgd": "dlas.trainer.optimizers",
 }
 
+DEGRADATIONS = {
+    "blur": "dlas.data.degradations",
+    "motion_blur": "dlas.data.degradations",
+    "sinc": "dlas.data.degradations",
+    "resize": "dlas.data.degradations",
+    "noise": "dlas.data.degradations",
+    "jpeg": "dlas.data.degradations",
+    "color_jitter": "dlas.data.degradations",
+    "resize_to_lq": "dlas.data.degradations",
+    "chain": "dlas.data.degradations",
+    "shuffle": "dlas.data.degradations",
+    "one_of": "dlas.data.degradations",
+}
+
+TASKS = {
+    "upscale": "dlas.inference.tasks",
+    "sample": "dlas.inference.tasks",
+}
+
 SCHEDULERS = {
     "constant": "dlas.trainer.schedulers",
     "multistep": "dlas.trainer.schedulers",

@@ -355,7 +355,10 @@ DATASETS = Registry("dataset", _builtins.DATASETS)
 EVALUATORS = Registry("evaluator", _builtins.EVALUATORS)
 OPTIMIZERS = Registry("optimizer", _builtins.OPTIMIZERS, provided=("params",))
 SCHEDULERS = Registry("scheduler", _builtins.SCHEDULERS, provided=("optimizer",))
+DEGRADATIONS = Registry("degradation", _builtins.DEGRADATIONS, provided=("path",))
+TASKS = Registry("task", _builtins.TASKS, provided=("networks", "config", "device", "autocast"))
 
 REGISTRIES: dict[str, Registry] = {
-    r.kind: r for r in (NETWORKS, INJECTORS, LOSSES, DATASETS, EVALUATORS, OPTIMIZERS, SCHEDULERS)
+    r.kind: r for r in (NETWORKS, INJECTORS, LOSSES, DATASETS, EVALUATORS, OPTIMIZERS, SCHEDULERS, DEGRADATIONS,
+                        TASKS)
 }

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dlas.registry import NETWORKS
+from dlas.config import resolve_config
 from dlas.trainer.trainer import ExtensibleTrainer
 
 
@@ -61,7 +62,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     torch.manual_seed(0)
-    trainer = ExtensibleTrainer(config(args.nf), device)
+    trainer = ExtensibleTrainer(resolve_config(config(args.nf), training=False), device)
     torch.manual_seed(0)
     net = BenchNet(args.nf).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, foreach=True)

@@ -1,12 +1,16 @@
-"""``dlas-test`` / ``python codes/test.py``: run a trained network on images, score it, or run evaluators.
+"""``dlas-test`` / ``python codes/test.py``: run a trained network on images or captions, score it, or run evaluators.
 
 Two modes:
 
-* ``--run experiments/NAME --input DIR|FILE --output DIR``: load the run's network from its newest (``--step N``,
-  ``--best``) checkpoint, EMA weights by default, upscale every image (tiled with ``--tile``), save PNGs; with
-  ``--metrics --reference DIR`` also score against HR images matched by file stem and print a table.
+* ``--run experiments/NAME --output DIR`` with ``--input DIR|FILE`` and/or ``--caption TEXT`` / ``--captions FILE``
+  (or neither, for unconditional sampling): load the run's networks from its newest (``--step N``, ``--best``)
+  checkpoint, EMA weights by default, and run its inference task (``--task``; default: the one its network
+  declares, ``upscale`` for SR generators) on every input. ``upscale`` saves ``DIR/<stem>.png`` per input (tiled
+  with ``--tile``; with ``--metrics --reference DIR`` also scored against HR images matched by file stem);
+  sampling tasks save ``DIR/<name>_<k>.png`` for the ``--n`` samples of each input and a ``grid.png``.
 * ``-opt test.yml``: build the ``networks`` (weights from ``path.pretrain_model_NET``), ``datasets`` and ``eval``
-  sections of a config, run each evaluator once, print and write ``metrics.json``.
+  sections of a config, validated like a training config, run each evaluator once, print and write
+  ``metrics.json``.
 
 Exit codes: 0 success; 2 bad arguments, config or input (one ``error: …`` line each, no traceback; an unreadable
 input image is reported and skipped, the others still run); 1 otherwise.
@@ -15,16 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import re
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from dlas.errors import ConfigError, DataError, UserError
+from dlas.errors import ConfigError, DataError, Problem, UserError
 
 EXIT_OK, EXIT_USER_ERROR = 0, 2
 DEFAULT_METRICS = ["psnr", "ssim"]
-SCALE_PROBE_SIZE = 64  # LQ pixels: the corner crop the network's scale is measured on
+# task options set by dedicated flags (the rest: --task-option KEY=VALUE)
+TASK_FLAGS = {"network": "--network", "tile": "--tile", "tile_overlap": "--tile-overlap",
+              "temperatures": "--temperature"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -41,8 +49,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="use the checkpoint of this step (default: the newest)")
     which.add_argument("--best", action="store_true", help="use the checkpoint recorded in checkpoints/best.json")
-    parser.add_argument("--network", help="network name in the config (default: the first sr evaluator's, "
-                                          "else 'generator')")
+    parser.add_argument("--network", help="network name in the config (default: the one its first evaluator "
+                                          "scores, else 'generator')")
     ema = parser.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True,
                      help="use NET_ema.safetensors when the checkpoint has it (the default)")
@@ -55,29 +63,15 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-overlap", type=int, default=16,
                         help="LQ pixels shared by neighbouring tiles, at most tile/2 (default 16)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="fp32 (default), bf16 (CPU or GPU), fp16 (GPU only)")
+                        help="fp32 (default), bf16 or fp16 (autocast)")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
 
 
 def check_tiling(args: argparse.Namespace) -> None:
-    """A ConfigError for a --tile / --tile-overlap pair that cannot work."""
-    if args.tile is not None and args.tile < 1:
-        raise ConfigError(f"--tile must be at least 1 (LQ pixels per tile side), got {args.tile}", "--tile")
-    if args.tile is not None and not 0 <= args.tile_overlap <= args.tile // 2:
-        raise ConfigError(f"--tile-overlap must be between 0 and tile/2, got tile {args.tile}, overlap "
-                          f"{args.tile_overlap}", "--tile-overlap")
+    """A ConfigError naming the flag for a --tile / --tile-overlap pair that cannot work."""
+    from dlas.inference.tiling import check_tiling as check
 
-
-def measure_scale(forward, lq, tile: Optional[int], network: str) -> int:
-    """The network's upscaling factor (on a corner crop); a ConfigError naming ``--network`` when it does not
-    return an image that is an integer multiple of its input (a discriminator picked by mistake)."""
-    from dlas.inference import infer_scale
-
-    try:
-        return infer_scale(forward, lq, tile or SCALE_PROBE_SIZE)
-    except ValueError as exc:
-        raise ConfigError(f"network '{network}' does not upscale images: {exc}; pick the generator with "
-                          "--network", "--network") from exc
+    check(args.tile, args.tile_overlap, "--tile", "--tile-overlap")
 
 
 def report_user_errors(exc: UserError) -> int:
@@ -87,12 +81,37 @@ def report_user_errors(exc: UserError) -> int:
     return EXIT_USER_ERROR
 
 
+def log_warnings_to_stderr() -> None:
+    """Warnings of the ``dlas`` logger (a non-finite output, a skipped file) as ``warning: …`` lines on stderr."""
+    logger = logging.getLogger("dlas")
+    if not any(isinstance(h, _StderrWarnings) for h in logger.handlers):
+        logger.addHandler(_StderrWarnings(logging.WARNING))
+        logger.propagate = False
+    if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+        logger.setLevel(logging.WARNING)
+
+
+class _StderrWarnings(logging.Handler):
+    """Writes ``level: message`` to whatever ``sys.stderr`` is at the time (pytest swaps it per test)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dlas-test", description=__doc__.split("\n\n")[0])
     parser.add_argument("-opt", "--opt", metavar="TEST.yml", help="evaluate with a config's datasets + eval sections")
     add_run_arguments(parser)
     parser.add_argument("--input", metavar="DIR|FILE", help="LQ image or folder of images")
     parser.add_argument("--output", metavar="DIR", help="where to write results")
+    parser.add_argument("--task", help="the inference task (default: the network's own; upscale for SR "
+                                       "networks); `dlas-train --list task` lists them")
+    parser.add_argument("--caption", action="append", metavar="TEXT", help="a caption to sample for (repeatable)")
+    parser.add_argument("--captions", metavar="FILE", help="a text file of captions, one per line")
+    parser.add_argument("--n", type=int, default=1, metavar="COUNT", help="samples per input (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="another option of the task (YAML-typed, e.g. steps=50); repeatable")
     add_inference_arguments(parser)
     parser.add_argument("--metrics", nargs="*", choices=["psnr", "ssim", "lpips"], default=None,
                         help="score outputs against --reference (no names: psnr ssim)")
@@ -113,12 +132,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; return the exit code."""
     try:
         args = build_parser().parse_args(argv)
+        log_warnings_to_stderr()
         if args.opt and args.run:
             raise ConfigError("give either -opt TEST.yml or --run experiments/NAME, not both", "arguments")
         if args.opt:
             return evaluate_config(args)
         if args.run:
-            return upscale_folder(args)
+            return run_task(args)
         raise ConfigError("give --run experiments/NAME --input DIR --output DIR, or -opt TEST.yml", "arguments")
     except UserError as exc:
         return report_user_errors(exc)
@@ -161,87 +181,200 @@ def _check_output_names(inputs: list[Path], references: dict[Path, Path], output
                               "choose another --output folder", "--output")
 
 
-def upscale_folder(args: argparse.Namespace) -> int:
-    """The ``--run`` mode: upscale ``--input`` into ``--output`` and optionally score it."""
+def read_captions(args: argparse.Namespace) -> list[str]:
+    """The captions of ``--caption`` and ``--captions FILE`` (one per non-empty line), in order."""
+    captions = list(args.caption or [])
+    if args.captions:
+        file = Path(args.captions)
+        if not file.is_file():
+            raise DataError("captions file does not exist", str(file))
+        try:
+            captions += [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"cannot read the captions file: {exc}", str(file)) from exc
+        if not captions:
+            raise DataError("captions file holds no captions (one per line)", str(file))
+    if any(not c.strip() for c in captions):
+        raise ConfigError("a caption is empty", "--caption")
+    return captions
+
+
+def caption_stem(caption: str, seed: int) -> str:
+    """A file stem for a caption and seed: ``a_red_circle_seed0`` (at most 60 characters of caption)."""
+    words = re.sub(r"[^A-Za-z0-9]+", "_", caption.lower()).strip("_")[:60].rstrip("_") or "caption"
+    return f"{words}_seed{seed}"
+
+
+def task_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The task's options from the dedicated flags that were given and ``--task-option KEY=VALUE``."""
+    from dlas.config.overrides import parse_override
+
+    options: dict[str, Any] = {}
+    if args.network:
+        options["network"] = args.network
+    if args.tile is not None:
+        options["tile"], options["tile_overlap"] = args.tile, args.tile_overlap
+    if args.temperature:
+        options["temperatures"] = list(args.temperature)
+    for text in args.task_option:
+        try:
+            override = parse_override(text)
+        except ConfigError as exc:
+            raise ConfigError(f"expected KEY=VALUE, got {text!r} ({exc.problems[0].message})", "--task-option") from exc
+        if len(override.path) != 1 or not isinstance(override.path[0], str):
+            raise ConfigError(f"expected KEY=VALUE with a plain option name, got {text!r}", "--task-option")
+        options[override.path[0]] = override.value
+    return options
+
+
+def _flag_problems(exc: ConfigError) -> ConfigError:
+    """A task's option problems named by the command-line flag that set them (``task.tile`` -> ``--tile``)."""
+    problems = []
+    for p in exc.problems:
+        key = p.path.split(".", 1)[1] if p.path.startswith("task.") else p.path
+        flag = TASK_FLAGS.get(key) or (f"--task-option {key}" if p.path.startswith("task.") else p.path)
+        message = p.message.replace("unknown option", "does not apply to this task") \
+            if p.message.startswith("unknown option") else p.message
+        problems.append(Problem(flag, message, p.line, p.file))
+    return ConfigError(problems)
+
+
+def run_task(args: argparse.Namespace) -> int:
+    """The ``--run`` mode: run the run's task on every input into ``--output``; optionally score it."""
     import torch
-    from tqdm import tqdm
 
+    from dlas.build import RunNetworks, autocast, select_device
     from dlas.data.image_file import IMAGE_EXTENSIONS
-    from dlas.inference import (autocast_context, batch_forward, list_images, load_image, load_trained_network,
-                                prepare_output_folder, run_network, save_image, select_device)
+    from dlas.inference import list_images, load_image, prepare_output_folder, save_image
+    from dlas.inference.tasks import build_task, default_task
 
-    if not args.input or not args.output:
-        raise ConfigError("--run needs --input DIR|FILE and --output DIR", "arguments")
+    if not args.output:
+        raise ConfigError("--run needs --output DIR", "arguments")
+    if args.n < 1:
+        raise ConfigError(f"--n must be at least 1, got {args.n}", "--n")
     if args.metrics is not None and not args.reference:
         raise ConfigError("--metrics needs --reference DIR with the HR images", "--reference")
     check_tiling(args)
-    inputs = list_images(args.input)
+    captions = read_captions(args)
+    inputs = list_images(args.input) if args.input else []
     references = _match_references(inputs, args.reference) if args.reference else {}
     output_dir = Path(args.output)
     if not output_dir.is_dir() and output_dir.suffix.lower() in IMAGE_EXTENSIONS:
         raise ConfigError(f"--output is a folder (results are saved as FOLDER/<input stem>.png), got the file name "
                           f"'{args.output}'; give e.g. --output {output_dir.parent / 'results'}", "--output")
     _check_output_names(inputs, references, output_dir)
-    device = select_device(args.device)
+    device = select_device(args.device, option="--device")
+    networks = RunNetworks(args.run, args.step, args.best, args.ema, device)
+    name = args.task or default_task(networks.config, args.network)
+    try:
+        task = build_task(name, networks, networks.config, device,
+                          autocast(args.precision or "fp32", device, "--precision"), task_options(args))
+    except ConfigError as exc:
+        if exc.problems and exc.problems[0].path == "task.type":
+            raise ConfigError(exc.problems[0].message, "--task") from None
+        raise _flag_problems(exc) from None
+    if not task.scored and (args.reference or args.metrics is not None):
+        raise ConfigError(f"the {name} task makes new images; --metrics/--reference score upscaled inputs only",
+                          "--reference")
+    if inputs and not ({"image"} & (task.needs | task.accepts)):
+        raise ConfigError(f"the {name} task takes no input images", "--input")
+    if captions and not ({"caption"} & (task.needs | task.accepts)):
+        raise ConfigError(f"the {name} task takes no captions", "--caption")
+    if "image" in task.needs and not inputs:
+        raise ConfigError(f"the {name} task needs --input DIR|FILE with the images to work on", "--input")
+    if "caption" in task.needs and not captions:
+        raise ConfigError(f"the {name} task needs --caption TEXT or --captions FILE", "--caption")
+    if task.scored and args.n != 1:
+        raise ConfigError(f"the {name} task makes one output per input; --n applies to sampling tasks", "--n")
     prepare_output_folder(output_dir)
-    loaded = load_trained_network(args.run, args.network, args.step, args.best, args.ema, device)
-    autocast = autocast_context(args.precision or "fp32", device)
-    forwards = [batch_forward(loaded.network, t) for t in (args.temperature or [None])]
-    print(f"{loaded.name} from {loaded.weights_file} (step {loaded.step}), {len(inputs)} image(s) -> {args.output}")
-    scale, scores = None, {}
-    scorer = _Scorer(args.metrics or DEFAULT_METRICS, args.channel == "y", args.crop_border, args.lpips_net,
-                     args.lpips_weights, device) if references else None
+    first = networks.load(getattr(task, "network_name", None) or args.network or next(iter(networks)))
+    what = f"{len(inputs)} image(s)" if inputs else f"{len(captions)} caption(s)" if captions else "samples"
+    print(f"{name}: {first.name} from {first.weights_file} (step {first.step}), {what} -> {args.output}")
+
+    scorer = _scorer(args, device) if references else None
+    scores: dict[str, dict[str, float]] = {}
     unreadable = 0
-    for path in tqdm(inputs, desc="dlas-test", unit="img", disable=None):
+    grid: list[torch.Tensor] = []
+    for request, path in _requests(args, inputs, captions, task.scored):
+        if path is not None:
+            try:
+                request.image = load_image(path)
+            except DataError as exc:  # one broken file among many: report it, do the others, exit 2 at the end
+                report_user_errors(exc)
+                unreadable += 1
+                continue
         try:
-            lq = load_image(path)[None].to(device)
-        except DataError as exc:  # one broken file among many: report it, upscale the others, exit 2 at the end
-            report_user_errors(exc)
-            unreadable += 1
-            continue
-        outputs = []
-        with torch.no_grad(), autocast():
-            if scale is None:  # measured on a small corner crop: cheap, and tiling needs it before the first tile
-                scale = measure_scale(forwards[0], lq, args.tile, loaded.name)
-            for forward in forwards:
-                output = run_network(forward, lq, scale, args.tile, args.tile_overlap)
-                outputs.append(output.float().clamp(0, 1)[0].cpu())
-        nonfinite = sum(int((~torch.isfinite(output)).sum()) for output in outputs)
-        if nonfinite:  # saved as black pixels: say so rather than leave a silently broken image
-            print(f"warning: {path.name}: {nonfinite} non-finite output values (NaN/Inf, written as black); the "
-                  "network overflowed or diverged (try --precision fp32)", file=sys.stderr)
-        save_image(output_dir / f"{path.stem}.png", torch.cat(outputs, dim=-1))
-        if scorer:
-            for temperature, output in zip(args.temperature or [None], outputs):
-                key = path.stem if temperature is None else f"{path.stem} T={temperature:g}"
-                scores[key] = scorer(output, references[path], scale)
+            images = task(request).clamp(0, 1)
+        except ConfigError as exc:
+            raise _flag_problems(exc) from None
+        if task.scored:
+            save_image(output_dir / f"{request.name}.png", torch.cat(list(images), dim=-1))
+            if scorer:
+                temperatures = args.temperature or [None]
+                for temperature, output in zip(temperatures, images):
+                    key = request.name if temperature is None else f"{request.name} T={temperature:g}"
+                    scores[key] = scorer(output, references[path], task.scale_factor)
+        else:
+            for k, image in enumerate(images):
+                save_image(output_dir / f"{request.name}_{k}.png", image)
+            grid += list(images)
+    if grid:
+        from dlas.logging.visuals import image_grid
+
+        save_image(output_dir / "grid.png", image_grid(torch.stack(_same_size(grid)), max_images=len(grid)))
     if scorer and scores:
-        means = _print_table(scores, scorer.convention(scale))
-        output_dir.mkdir(parents=True, exist_ok=True)
+        means = _print_table(scores, scorer.convention(task.scale_factor))
         (output_dir / "metrics.json").write_text(json.dumps(
-            {"mean": means, "images": scores, "convention": scorer.convention(scale), "step": loaded.step,
-             "weights": str(loaded.weights_file)}, indent=1))
+            {"mean": means, "images": scores, "convention": scorer.convention(task.scale_factor),
+             "step": first.step, "weights": str(first.weights_file)}, indent=1))
     return EXIT_USER_ERROR if unreadable else EXIT_OK
 
 
-class _Scorer:
-    """PSNR/SSIM/LPIPS of one output against its HR file, with the chosen convention."""
+def _requests(args: argparse.Namespace, inputs: list[Path], captions: list[str], scored: bool):
+    """``(Request, image path or None)`` for every input image and/or caption (their product when both)."""
+    from tqdm import tqdm
 
-    def __init__(self, metrics: list[str], y_channel: bool, crop_border: Optional[int], lpips_net: str,
-                 lpips_weights: Optional[str], device):
-        self.metrics = list(dict.fromkeys(metrics))
-        self.y_channel = y_channel
-        self.crop_border = crop_border
-        self.lpips_net = lpips_net
-        self.lpips = None
-        if "lpips" in self.metrics:
-            from dlas.metrics import LPIPSMetric
+    from dlas.inference.tasks import Request
 
-            self.lpips = LPIPSMetric(lpips_net, lpips_weights, device)
+    images: list[Optional[Path]] = list(inputs) or [None]
+    texts: list[Optional[str]] = list(captions) or [None]
+    work = [(path, text) for path in images for text in texts]
+    for path, text in tqdm(work, desc="dlas-test", unit="input", disable=None):
+        parts = [path.stem] if path is not None else []
+        if text is not None:
+            parts.append(caption_stem(text, args.seed))
+        elif not scored:
+            parts.append(f"seed{args.seed}" if parts else f"sample_seed{args.seed}")
+        yield Request("_".join(parts), caption=text, seed=args.seed, count=args.n), path
+
+
+def _same_size(images: list) -> list:
+    """``images`` padded to the size of the largest (a grid of samples of different sizes)."""
+    import torch.nn.functional as F
+
+    height = max(i.shape[-2] for i in images)
+    width = max(i.shape[-1] for i in images)
+    return [F.pad(i, (0, width - i.shape[-1], 0, height - i.shape[-2]), value=1.0) for i in images]
+
+
+def _scorer(args: argparse.Namespace, device):
+    from dlas.metrics.scoring import ImageScorer
+
+    return _ReferenceScorer(ImageScorer(args.metrics or DEFAULT_METRICS, args.crop_border, args.channel == "y",
+                                        args.lpips_net, args.lpips_weights, device, crop_option="--crop-border"))
+
+
+class _ReferenceScorer:
+    """Scores one output against its HR file, cropping an HR remainder below the scale as BasicSR does."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+
+    def convention(self, scale: int) -> str:
+        return self.scorer.convention(scale)
 
     def __call__(self, output, reference_file: Path, scale: int) -> dict[str, float]:
         from dlas.inference import load_image, tensor_to_uint8
-        from dlas.metrics import psnr, ssim
 
         out = tensor_to_uint8(output)
         ref = tensor_to_uint8(load_image(reference_file))
@@ -253,24 +386,10 @@ class _Scorer:
             raise DataError(f"reference is {ref.shape[1]}x{ref.shape[0]} but the output is {out.shape[1]}x"
                             f"{out.shape[0]}; the reference must be scale x the LQ size (a remainder below "
                             "the scale is cropped)", str(reference_file))
-        crop = scale if self.crop_border is None else self.crop_border
-        values = {}
         try:
-            if "psnr" in self.metrics:
-                values["psnr"] = psnr(out, ref, crop, self.y_channel)
-            if "ssim" in self.metrics:
-                values["ssim"] = ssim(out, ref, crop, self.y_channel)
+            return self.scorer(out, ref, scale)
         except ValueError as exc:  # too small for the crop (or SSIM's 11x11 window)
-            hint = "; lower --crop-border or leave out ssim" if "shape" not in str(exc) else ""
-            raise DataError(f"cannot score this image: {exc}{hint}", str(reference_file)) from exc
-        if self.lpips is not None:
-            values["lpips"] = self.lpips(out, ref)
-        return values
-
-    def convention(self, scale: int) -> str:
-        crop = scale if self.crop_border is None else self.crop_border
-        lpips = f"; LPIPS {self.lpips_net}, RGB, whole image" if self.lpips else ""
-        return f"PSNR/SSIM on {'Y (BT.601)' if self.y_channel else 'RGB'}, {crop} px cropped per edge{lpips}"
+            raise DataError(f"cannot score this image: {exc}", str(reference_file)) from exc
 
 
 def _print_table(scores: dict[str, dict[str, float]], convention: str) -> dict[str, float]:
@@ -291,58 +410,62 @@ def evaluate_config(args: argparse.Namespace) -> int:
     """The ``-opt`` mode: run every evaluator of a test config once; print and write the metrics."""
     import torch
 
-    from dlas import load_network_weights
-    from dlas.config.inherit import load_with_bases, strip_replace
-    from dlas.config.load import plugin_path
-    from dlas.evaluators.base import EvalContext
-    from dlas.inference import autocast_context, build_network, select_device
-    from dlas.registry import import_plugins
-    from dlas.trainer.run import build_datasets, build_evaluators
+    from dlas import build
+    from dlas.config import load_config
+    from dlas.evaluators.base import EvalContext, Validation
+    from dlas.weights import load_network_weights
 
     used = [option for option, value in (("--input", args.input), ("--reference", args.reference),
                                          ("--metrics", args.metrics), ("--tile", args.tile), ("--step", args.step),
                                          ("--best", args.best), ("--network", args.network),
-                                         ("--temperature", args.temperature)) if value not in (None, False)]
+                                         ("--temperature", args.temperature), ("--task", args.task),
+                                         ("--caption", args.caption), ("--captions", args.captions))
+            if value not in (None, False)]
     if used:  # the config's eval: section says what to run; these would be silently ignored
         raise ConfigError(f"{', '.join(used)} only apply with --run; with -opt, set them in the config's eval: "
                           "section", used[0])
-    file = Path(args.opt)
-    if not file.is_file():
-        raise ConfigError("config file does not exist", str(file))
-    cfg = strip_replace(load_with_bases(file)[0])  # base: files as in training configs
-    import_plugins([plugin_path(m, file.parent) for m in cfg.get("imports") or []])  # as train.py finds them
-    if not cfg.get("eval"):
-        raise ConfigError("a test config needs an 'eval:' section (e.g. {sr: {type: sr}})", "eval")
-    device = select_device(args.device if args.device != "auto" else str(cfg.get("device", "auto")))
-    paths = cfg.get("path") or {}
-    datasets = build_datasets(cfg)
-    evaluators = build_evaluators(cfg)
-    # Evaluators name the networks they run; the others (a reused training config's discriminator) need no weights.
-    evaluated = {getattr(e, "network_name", None) for e in evaluators.values()}
-    networks = {}
-    for name in cfg.get("networks") or {}:
-        weights = paths.get(f"pretrain_model_{name}")
-        if not weights and name not in evaluated:
-            continue
-        if not weights:
-            raise ConfigError(f"no weights for network '{name}': set path.pretrain_model_{name}: FILE",
-                              f"path.pretrain_model_{name}")
-        net = build_network(cfg, name, f"networks.{name}")
-        if not Path(weights).is_file():
-            raise DataError("weights file does not exist", str(weights))
-        load_network_weights(net, weights, strict=paths.get("strict_load", True))
-        networks[name] = net.to(device).eval()
-    root = Path(args.output or paths.get("results") or Path("results") / str(cfg.get("name", file.stem)))
-    autocast = autocast_context(args.precision or cfg.get("precision", "fp32"), device)
-    metrics: dict[str, float] = {}
-    for name, evaluator in evaluators.items():
-        ctx = EvalContext(networks=networks, datasets=datasets, out_dir=root / name, step=0, device=device,
-                          autocast=autocast)
-        with torch.no_grad():
-            metrics.update({f"{name}/{k}": float(v) for k, v in evaluator(ctx).items()})
+    cfg = load_config(args.opt, training=False, default_name=Path(args.opt).stem)
+    if not cfg["eval"]:
+        raise ConfigError(cfg.attach_lines([Problem("eval", "a test config needs an 'eval:' section (e.g. "
+                                                             "{sr: {type: sr}})")]))
+    try:
+        device = build.select_device(args.device if args.device != "auto" else cfg["device"])
+        paths = cfg["path"]
+        datasets = build.build_datasets(cfg)
+        evaluators = build.build_evaluators(cfg)
+        # Evaluators name the networks they run; the others (a reused training config's discriminator) need no
+        # weights.
+        evaluated = {getattr(e, "network_name", None) for e in evaluators.values()}
+        networks = {}
+        for name in cfg["networks"]:
+            weights = paths.get(f"pretrain_model_{name}")
+            if not weights and name not in evaluated:
+                continue
+            if not weights:
+                raise ConfigError(f"no weights for network '{name}': set path.pretrain_model_{name}: FILE",
+                                  f"path.pretrain_model_{name}")
+            net = build.build_network(cfg, name, f"networks.{name}")
+            if not Path(weights).is_file():
+                raise DataError("weights file does not exist", str(weights))
+            load_network_weights(net, weights, strict=paths["strict_load"])
+            networks[name] = net.to(device).eval()
+    except ConfigError as exc:
+        raise ConfigError(cfg.attach_lines(exc.problems)) from None
+    root = Path(args.output or paths["results"] or Path("results") / cfg["name"])
+    precision = build.autocast(args.precision or cfg["precision"], device)
+
+    def make_context(name: str, step: int) -> EvalContext:
+        return EvalContext(networks=networks, datasets=datasets, out_dir=root / name, step=step, device=device,
+                           autocast=precision, config=cfg)
+
+    validation = Validation(evaluators, make_context)
+    with torch.no_grad():
+        metrics = validation(0)
     root.mkdir(parents=True, exist_ok=True)
     (root / "metrics.json").write_text(json.dumps(metrics, indent=1))
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
+    for line in validation.summary(metrics):
+        print(line)
     print(f"results in {root}")
     return EXIT_OK

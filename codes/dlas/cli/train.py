@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="import a plugin module (or .py file) so its components exist; repeatable")
     parser.add_argument("--list", nargs="?", const="all", metavar="KIND",
                         help="list registered components: all, or one of network, injector, loss, dataset, "
-                             "evaluator, optimizer, scheduler")
+                             "evaluator, optimizer, scheduler, degradation, task")
     parser.add_argument("--describe", metavar="TYPE", help="print the options and documentation of a component")
     return parser
 

@@ -7,7 +7,7 @@ See ``docs/config.md`` for the user's view. The public API::
     cfg.attach_lines(problems)       # give dotted-path Problems their file:line
     print(dump_config(cfg))          # the resolved YAML (the run folder's config.yml)
 """
-from dlas.config.load import Config, dump_config, load_config
+from dlas.config.load import Config, dump_config, load_config, resolve_config
 from dlas.config.overrides import Override, apply_overrides, parse_override
 from dlas.config.source import ConfigSource, Location, format_path, parse_path
 
@@ -18,4 +18,5 @@ def attach_lines(cfg: Config, problems: list) -> list:
 
 
 __all__ = ["Config", "ConfigSource", "Location", "Override", "apply_overrides", "attach_lines", "dump_config",
-           "format_path", "load_config", "parse_override", "parse_path"]
+           "format_path", "load_config", "parse_override", "parse_path",
+           "resolve_config"]

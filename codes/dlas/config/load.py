@@ -1,9 +1,10 @@
 """``load_config``: file + bases -> plugin imports -> overrides -> schema and component checks -> :class:`Config`."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from dlas.config import schema
 from dlas.config.inherit import display_name, load_with_bases, strip_replace
@@ -31,12 +32,13 @@ class Config(dict):
 
 
 def load_config(path: str, overrides: Iterable[str] = (), imports: Iterable[str] = (),
-                training: bool = True) -> Config:
+                training: bool = True, default_name: Optional[str] = None) -> Config:
     """Load, merge, override and validate a config file; raise :class:`ConfigError` listing every problem.
 
     ``imports`` are plugin modules to import in addition to the file's ``imports:`` (``--import``); they are
-    added to the resolved config so that its dump reproduces the run. ``training=False`` (inference) does not
-    require the ``train`` section, a ``train`` dataset or any steps.
+    added to the resolved config so that its dump reproduces the run. ``training=False`` (inference,
+    ``dlas-test -opt``) does not require the ``train`` section, a ``train`` dataset or any steps.
+    ``default_name`` is the ``name`` of a config that sets none (a test config is named after its file).
     """
     file = Path(path)
     if not file.is_file():
@@ -56,6 +58,8 @@ def load_config(path: str, overrides: Iterable[str] = (), imports: Iterable[str]
         raise ConfigError(source.attach_lines(exc.problems)) from None
     if imported:
         data["imports"] = imported
+    if default_name is not None and isinstance(data, dict) and "name" not in data:
+        data["name"] = default_name
     source.prune(data)
     resolved, problems = schema.validate(data, training=training)
     if problems:
@@ -63,6 +67,17 @@ def load_config(path: str, overrides: Iterable[str] = (), imports: Iterable[str]
         # In file order, so the list reads top to bottom alongside the editor.
         raise ConfigError(sorted(located, key=lambda p: (p.file or "", p.line or 0)))
     return Config(resolved, source)
+
+
+def resolve_config(data: Mapping[str, Any], training: bool = True) -> Config:
+    """Validate an in-memory config as :func:`load_config` does a file, importing its ``imports:`` and filling in
+    every default; raise :class:`ConfigError` listing every problem (for code that builds configs itself)."""
+    data = copy.deepcopy(dict(data))
+    _import_plugins(data, [], Path.cwd())
+    resolved, problems = schema.validate(data, training=training)
+    if problems:
+        raise ConfigError(problems)
+    return Config(resolved)
 
 
 def _import_plugins(data: dict, extra: list[str], folder: Path) -> list[str]:

@@ -120,9 +120,21 @@ class LoaderKeys:
     batch_size: int = _min(1, 1)
     num_workers: int = _min(0, 0)
     shuffle: Optional[bool] = None  # null: true for the `train` dataset, false for the others
+    item_keys: Optional[list[str]] = None  # state keys naming the parts of an item that is a tuple or a tensor
 
 
 SchedulerEntry = Annotated[dict, Component("scheduler", provided=("optimizer",))]
+
+
+def reserved_keys(section: type) -> tuple[str, ...]:
+    """The YAML keys of a dataclass of framework keys: what the trainer handles and a constructor never sees."""
+    return tuple(yaml_name(f.name) for f in dataclasses.fields(section))
+
+
+NETWORK_KEYS = reserved_keys(NetworkKeys)
+LOADER_KEYS = reserved_keys(LoaderKeys)
+GATE_KEYS = reserved_keys(Gates)
+LOSS_KEYS = reserved_keys(LossKeys)
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -203,6 +215,7 @@ class PathSection:
     root: str = "experiments"
     resume_state: Optional[str] = None
     strict_load: bool = True
+    results: Optional[str] = None  # dlas-test -opt: where results go (null: results/NAME)
 
     prefixed_keys = {"pretrain_model_": Optional[str]}
 

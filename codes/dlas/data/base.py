@@ -1,11 +1,13 @@
 """The seeded-dataset base: reproducible, resumable items and survivable bad files.
 
-The framework's sampler (:class:`dlas.data.sampler.ResumableSampler`) hands a dataset ``(epoch, index)``
-keys; a plain ``int`` key means epoch 0. Every random choice an item makes (crop position, flips, degradation
-parameters) comes from :func:`sample_rng` seeded by ``(seed, epoch, index)``, never from a global or
-per-worker generator. So item ``(e, i)`` is the same whichever worker loads it, with 0 or 16 workers, before
-and after a resume, and changes from one epoch to the next. The framework sets ``dataset.seed = cfg.seed``
-before it builds the loaders.
+A dataset opts in to the framework's per-item seeding by declaring ``epoch_keys = True`` (this base class
+does): the framework's sampler (:class:`dlas.data.sampler.ResumableSampler`) then hands it ``(epoch, index)``
+keys instead of plain ``int`` indices, and the framework sets ``dataset.seed = cfg.seed`` before it builds the
+loaders; a plain ``int`` key (validation, a user's own loop) means epoch 0. Every random choice an item makes
+(crop position, flips, degradation parameters) comes from :func:`sample_rng` seeded by ``(seed, epoch,
+index)``, never from a global or per-worker generator. So item ``(e, i)`` is the same whichever worker loads
+it, with 0 or 16 workers, before and after a resume, and changes from one epoch to the next. A dataset that
+does not declare it is left alone and receives ``int`` indices, as any PyTorch dataset expects.
 
 A file that cannot be used (unreadable, truncated, smaller than the crop) is reported once with a warning on
 the ``dlas`` logger and replaced by another index chosen deterministically from ``(seed, epoch, index)``, so a
@@ -65,6 +67,8 @@ class SeededDataset(torch.utils.data.Dataset):
     raise :class:`BadImage` for an unusable file. ``bad_count`` counts the bad files found so far, by this
     process and its loader workers together.
     """
+
+    epoch_keys = True  # the sampler hands (epoch, index) keys and the framework sets `seed`
 
     def __init__(self, on_bad_image: Literal["skip", "error"] = "skip"):
         if on_bad_image not in ("skip", "error"):

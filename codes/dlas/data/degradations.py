@@ -5,7 +5,8 @@ default 1) and the step's own options. Ranges are written ``[low, high]`` and dr
 single number means a fixed value. Every draw comes from the item's generator, so a chain is reproducible
 per ``(seed, epoch, index)``. Images are float32 HWC RGB in [0, 1] and are clamped to [0, 1] after each step.
 
-Step types (details and defaults in each class's docstring and in docs/data.md):
+Degradation types (registered in :data:`dlas.registry.DEGRADATIONS`, so ``dlas-train --list degradation`` lists
+them, ``--describe blur`` shows one's options, and a plugin can add its own; details in docs/data.md):
 
 =================  ============================================================================================
 ``blur``           Gaussian (or generalized/plateau) blur, isotropic or elliptical at a random angle
@@ -38,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from dlas.errors import ConfigError, did_you_mean
-from dlas.registry import check_call
+from dlas.registry import DEGRADATIONS
 
 Range = Union[float, list[float]]
 IntRange = Union[int, list[int]]
@@ -150,14 +151,21 @@ def sinc_kernel(size: int, cutoff: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- steps
-class Step:
-    """One degradation. ``apply(image, lq_size, rng)`` returns the degraded HWC float image."""
+class Degradation:
+    """Base class of degradations: ``apply(image, lq_size, rng)`` returns the degraded HWC float image.
+
+    A degradation is registered in :data:`dlas.registry.DEGRADATIONS`; its constructor's keyword arguments are
+    its YAML options (checked against the signature), plus ``path``, the dotted config path of the entry,
+    which the framework passes for error messages. ``apply`` draws every random number from ``rng`` (the item's
+    generator) and may return any size: the pipeline brings the final result to ``lq_size``.
+    """
 
     def apply(self, image: np.ndarray, lq_size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
 
 
-class Blur(Step):
+@DEGRADATIONS.register("blur")
+class Blur(Degradation):
     """Gaussian blur, optionally anisotropic and with generalized or plateau kernel shapes.
 
     kernel_size: odd kernel side in pixels, or a ``[low, high]`` range of odd sizes (default 21).
@@ -204,7 +212,8 @@ class Blur(Step):
         return _filter(image, gaussian_kernel(size, sigma_x, sigma_y, angle, shape, beta))
 
 
-class MotionBlur(Step):
+@DEGRADATIONS.register("motion_blur")
+class MotionBlur(Degradation):
     """Linear motion blur (camera shake): the average along a straight line.
 
     length: line length in pixels, or a range (default [5, 15]).
@@ -230,7 +239,8 @@ class MotionBlur(Step):
         return _filter(image, kernel / kernel.sum())
 
 
-class Sinc(Step):
+@DEGRADATIONS.register("sinc")
+class Sinc(Degradation):
     """Circular low-pass (sinc) filter: the ringing and overshoot of over-sharpened or resampled images.
 
     kernel_size: odd kernel side, or a range of odd sizes (default [7, 21]).
@@ -248,7 +258,8 @@ class Sinc(Step):
         return _filter(image, sinc_kernel(_odd_size(rng, self.kernel_size), cutoff))
 
 
-class Resize(Step):
+@DEGRADATIONS.register("resize")
+class Resize(Degradation):
     """Rescale by a random factor with a random interpolation mode.
 
     scale: factor, or a ``[low, high]`` range drawn uniformly (default [0.5, 1.5]).
@@ -298,7 +309,8 @@ class Resize(Step):
         return resize_image(image, height, width, mode, self.antialias)
 
 
-class ResizeToLq(Step):
+@DEGRADATIONS.register("resize_to_lq")
+class ResizeToLq(Degradation):
     """Resize to the LQ size (the HQ crop's size divided by the dataset's ``scale``).
 
     modes: interpolation modes to pick from uniformly (default [bicubic]).
@@ -316,7 +328,8 @@ class ResizeToLq(Step):
         return resize_image(image, lq_size[0], lq_size[1], mode, self.antialias)
 
 
-class Noise(Step):
+@DEGRADATIONS.register("noise")
+class Noise(Degradation):
     """Additive Gaussian or Poisson (shot) noise.
 
     gaussian: noise standard deviation in 8-bit levels (1 = 1/255), or a range (default [1, 30]).
@@ -348,7 +361,8 @@ class Noise(Step):
         return image + noise
 
 
-class Jpeg(Step):
+@DEGRADATIONS.register("jpeg")
+class Jpeg(Degradation):
     """JPEG compression with OpenCV: 8x8 block artifacts and chroma blur.
 
     quality: JPEG quality 1-100, or an integer range (default [30, 95]).
@@ -368,7 +382,8 @@ class Jpeg(Step):
         return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
-class ColorJitter(Step):
+@DEGRADATIONS.register("color_jitter")
+class ColorJitter(Degradation):
     """Random brightness, contrast, saturation and hue (applied in this order), drawn as in torchvision's
     ColorJitter.
 
@@ -404,7 +419,8 @@ class ColorJitter(Step):
         return image
 
 
-class Chain(Step):
+@DEGRADATIONS.register("chain")
+class Chain(Degradation):
     """A nested list of steps run in order, so a group can share one ``prob``.
 
     steps: the nested degradation list (same vocabulary).
@@ -417,7 +433,8 @@ class Chain(Step):
         return run_steps(self.steps, image, lq_size, rng)
 
 
-class Shuffle(Step):
+@DEGRADATIONS.register("shuffle")
+class Shuffle(Degradation):
     """A nested list of steps run in a random order (e.g. Real-ESRGAN's final resize/sinc vs. JPEG order).
 
     steps: the nested degradation list (same vocabulary).
@@ -431,7 +448,8 @@ class Shuffle(Step):
         return run_steps([self.steps[i] for i in order], image, lq_size, rng)
 
 
-class OneOf(Step):
+@DEGRADATIONS.register("one_of")
+class OneOf(Degradation):
     """One step of a nested list, chosen at random (e.g. a sinc filter instead of a Gaussian blur).
 
     steps: the nested degradation list (same vocabulary).
@@ -451,20 +469,6 @@ class OneOf(Step):
         chosen = int(rng.choice(len(self.steps), p=self.chances))
         return run_steps([self.steps[chosen]], image, lq_size, rng)
 
-
-STEP_TYPES: dict[str, type[Step]] = {
-    "blur": Blur,
-    "motion_blur": MotionBlur,
-    "sinc": Sinc,
-    "resize": Resize,
-    "noise": Noise,
-    "jpeg": Jpeg,
-    "color_jitter": ColorJitter,
-    "resize_to_lq": ResizeToLq,
-    "chain": Chain,
-    "shuffle": Shuffle,
-    "one_of": OneOf,
-}
 
 _MODES3 = ["area", "bilinear", "bicubic"]
 _KERNEL_MIX = {"anisotropic": 0.31, "generalized": 0.15, "plateau": 0.15, "beta_generalized": [0.5, 4.0],
@@ -501,32 +505,26 @@ PRESETS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def build_steps(specs: list[dict], path: str) -> list[tuple[float, Step]]:
+def build_steps(specs: list[dict], path: str) -> list[tuple[float, Degradation]]:
     """Validate and build a degradation list into ``(prob, step)`` pairs; errors name ``path[i].key``."""
     if not isinstance(specs, (list, tuple)):
         raise ConfigError(f"expected a list of degradation steps, got {type(specs).__name__}", path)
     steps = []
     for i, spec in enumerate(specs):
         where = f"{path}[{i}]"
-        if not isinstance(spec, dict) or "type" not in spec:
-            raise ConfigError(f"expected a mapping with a 'type:' (one of {', '.join(STEP_TYPES)})", where)
-        kind = spec["type"]
-        if kind not in STEP_TYPES:
-            raise ConfigError(f"unknown degradation type '{kind}'{did_you_mean(kind, STEP_TYPES)}; "
-                              f"choose from {', '.join(STEP_TYPES)}", f"{where}.type")
+        problems = DEGRADATIONS.check(spec, where, reserved=("prob",))
+        if problems:
+            raise ConfigError(problems)
         prob = spec.get("prob", 1.0)
         if isinstance(prob, bool) or not isinstance(prob, (int, float)):
             raise ConfigError(f"expected a number between 0 and 1, got {prob!r}", f"{where}.prob")
         _check_prob(prob, f"{where}.prob")
         options = {k: v for k, v in spec.items() if k not in ("type", "prob")}
-        problems = check_call(STEP_TYPES[kind], options, where, provided=("path",))
-        if problems:
-            raise ConfigError(problems)
-        steps.append((float(prob), STEP_TYPES[kind](**options, path=where)))
+        steps.append((float(prob), DEGRADATIONS.get(spec["type"])(**options, path=where)))
     return steps
 
 
-def run_steps(steps: list[tuple[float, Step]], image: np.ndarray, lq_size: tuple[int, int],
+def run_steps(steps: list[tuple[float, Degradation]], image: np.ndarray, lq_size: tuple[int, int],
               rng: np.random.Generator) -> np.ndarray:
     for prob, step in steps:
         # Draw the coin even for prob 1, so adding or removing a `prob:` never shifts later draws' meaning.

@@ -1,7 +1,9 @@
 """The resumable, distributed sampler and the loader built on it.
 
-:class:`ResumableSampler` yields ``(epoch, index)`` keys forever, epoch after epoch, each epoch a fresh
-permutation seeded by ``(seed, epoch)``. With ``world_size`` ranks, rank ``r`` takes positions
+:class:`ResumableSampler` yields keys forever, epoch after epoch, each epoch a fresh permutation seeded by
+``(seed, epoch)``: plain ``int`` indices, as any PyTorch dataset expects, or ``(epoch, index)`` pairs for the
+datasets that ask for them with ``epoch_keys = True`` (the framework's seeded datasets, see
+:mod:`dlas.data.base`). With ``world_size`` ranks, rank ``r`` takes positions
 ``r, r + world_size, ...`` of the epoch's permutation, so the ranks' shares are disjoint and together cover the
 epoch.
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import functools
 import random
 import signal
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ from dlas.errors import ConfigError
 
 
 class ResumableSampler(Sampler):
-    """Endless ``(epoch, index)`` keys for one rank; see the module docstring for resuming.
+    """Endless keys for one rank; see the module docstring for resuming.
 
     length: the dataset's length.
     shuffle: a new permutation per epoch, seeded by ``(seed, epoch)``; otherwise 0, 1, 2, ... each epoch.
@@ -42,10 +44,11 @@ class ResumableSampler(Sampler):
         epoch gives every rank ``length // world_size`` samples and batches run on into the next epoch.
     epochs: stop after this many epochs (``None``: never); validation uses 1, and each iteration of a bounded
         sampler makes the same pass again.
+    epoch_keys: yield ``(epoch, index)`` pairs instead of ``int`` indices.
     """
 
     def __init__(self, length: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, batch_size: int = 1, epochs: Optional[int] = None):
+                 drop_last: bool = True, batch_size: int = 1, epochs: Optional[int] = None, epoch_keys: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.length = length
@@ -56,6 +59,7 @@ class ResumableSampler(Sampler):
         self.drop_last = drop_last
         self.batch_size = batch_size
         self.epochs = epochs
+        self.epoch_keys = epoch_keys
         if length < world_size:
             raise ConfigError(f"the dataset has {length} items, fewer than the {world_size} ranks; add data",
                               "dataset")
@@ -88,7 +92,7 @@ class ResumableSampler(Sampler):
             order = (order * (-(-total // self.length)))[:total]
         return order[self.rank:total:self.world_size]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[Union[int, tuple[int, int]]]:
         if self.epochs is not None:
             # A bounded sampler (validation) makes the same pass each time it is iterated;
             # an endless one continues where it stopped.
@@ -98,7 +102,7 @@ class ResumableSampler(Sampler):
             while self.position < len(indices):
                 index = indices[self.position]
                 self.position += 1
-                yield self.epoch, index
+                yield (self.epoch, index) if self.epoch_keys else index
             self.epoch += 1
             self.position = 0
 
@@ -120,18 +124,20 @@ class ResumableSampler(Sampler):
         self._start = (self.epoch, self.position)
 
 
-def seed_worker(worker_id: int, base_seed: int, rank: int) -> None:
-    """Seed python, numpy and torch in a loader worker from the run's seed, the rank and the worker id.
+def seed_worker(worker_id: int, base_seed: int, rank: int, start_samples: int = 0) -> None:
+    """Seed python, numpy and torch in a loader worker from the run's seed, the rank, the worker id and the
+    number of samples this rank had consumed when the loader started.
 
-    The built-in datasets do not need it (each item has its own generator), but user datasets that call
-    ``random`` or ``np.random`` then differ between workers and ranks and repeat between runs.
+    The seeded datasets do not need it (each item has its own generator), but plain datasets that call
+    ``random``, ``np.random`` or ``torch.rand`` then differ between workers and ranks, repeat between runs of
+    the same config, and do not replay the start of the run's random stream after a resume.
     """
     # SLURM and torchrun signal the whole process group: workers must leave SIGINT/SIGTERM to the trainer, which
     # finishes its step and saves (a worker killed by them would make the loader raise before anything is saved).
     # Workers still end with their parent: the loader's watchdog stops them when the trainer exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    seed = int(np.random.SeedSequence([base_seed, rank, worker_id]).generate_state(1)[0])
+    seed = int(np.random.SeedSequence([base_seed % 2**63, rank, worker_id, start_samples]).generate_state(1)[0])
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -140,8 +146,13 @@ def seed_worker(worker_id: int, base_seed: int, rank: int) -> None:
 def build_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, start_samples: int = 0, pin_memory: Optional[bool] = None,
                  persistent_workers: Optional[bool] = None, training: bool = True,
-                 prefetch_factor: Optional[int] = None) -> DataLoader:
+                 prefetch_factor: Optional[int] = None, name: str = "train",
+                 item_keys: Optional[Sequence[str]] = None) -> DataLoader:
     """A DataLoader over ``dataset`` driven by a :class:`ResumableSampler` (``loader.sampler``).
+
+    Batches are dicts of state keys (:class:`~dlas.data.collate.ItemCollator`: ``item_keys`` names the parts of
+    tuple items; a batch that cannot be collated is a DataError naming ``datasets.NAME`` and the key). The
+    dataset gets ``(epoch, index)`` keys when it declares ``epoch_keys = True``, else plain ``int`` indices.
 
     batch_size: the per-rank batch (the config's global batch divided by world_size).
     start_samples: samples this rank already consumed (from the checkpoint): the loader starts after them.
@@ -152,8 +163,11 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: b
         pin_memory = torch.cuda.is_available()
     if persistent_workers is None:
         persistent_workers = num_workers > 0
+    from dlas.data.collate import ItemCollator, wants_epoch_keys
+
     sampler = ResumableSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
-                               drop_last=training, batch_size=batch_size, epochs=None if training else 1)
+                               drop_last=training, batch_size=batch_size, epochs=None if training else 1,
+                               epoch_keys=wants_epoch_keys(dataset))
     if start_samples:
         sampler.load_state_dict(sampler.state_for(start_samples))
     extra = {}
@@ -163,7 +177,8 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: b
         # Forking while OpenCV's thread pool is alive deadlocks the workers' first OpenCV call, so shrink the
         # pool before the workers are forked; each worker is a parallel lane of its own anyway.
         cv2.setNumThreads(1)
-        extra["worker_init_fn"] = functools.partial(seed_worker, base_seed=seed, rank=rank)
+        extra["worker_init_fn"] = functools.partial(seed_worker, base_seed=seed, rank=rank,
+                                                    start_samples=start_samples)
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
@@ -171,4 +186,5 @@ def build_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: b
     # iterator starts, so a resumed run (whose iterator starts later) would drift from an uninterrupted one.
     generator = torch.Generator().manual_seed((seed * 1000 + rank) % 2**63)  # any 64-bit config seed fits
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=training, generator=generator, **extra)
+                      pin_memory=pin_memory, drop_last=training, generator=generator,
+                      collate_fn=ItemCollator(name, item_keys), **extra)

@@ -8,9 +8,9 @@ mean. The trainer logs the returned ``{metric: value}`` as ``EVALNAME/metric`` (
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar, ContextManager, Mapping, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Mapping, Optional
 
 import torch
 
@@ -32,6 +32,12 @@ class EvalContext:
     world_size: int = 1
     # sums per-rank tensors over all ranks (identity when world_size == 1)
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    config: Mapping[str, Any] = field(default_factory=dict)  # the run's resolved config (tasks read it)
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # NCHW in [0, 1]: logged to tensorboard
+
+    def add_image(self, name: str, images: torch.Tensor) -> None:
+        """Log ``images`` (NCHW, or one CHW image, in [0, 1]) to tensorboard as ``val/EVALNAME/name``."""
+        self.images[name] = (images[None] if images.dim() == 3 else images).detach().float().cpu()
 
     def shard(self, count: int) -> range:
         """The item indices of ``range(count)`` this rank evaluates."""
@@ -47,12 +53,17 @@ class EvalContext:
 
 
 class Evaluator:
-    """Base class: ``__call__(ctx) -> {metric: value}``; ``higher_is_better`` says each metric's direction."""
+    """Base class: ``__call__(ctx) -> {metric: value}``; ``higher_is_better`` says each metric's direction;
+    ``summary(metrics)`` gives the lines the run's final summary prints for this evaluator's last metrics."""
 
     higher_is_better: ClassVar[Mapping[str, bool]] = {}
 
     def __call__(self, ctx: EvalContext) -> dict[str, float]:
         raise NotImplementedError
+
+    def summary(self, metrics: Mapping[str, float]) -> list[str]:
+        """Lines worth printing at the end of training about ``metrics`` (this evaluator's, unprefixed)."""
+        return []
 
     def is_higher_better(self, metric: str) -> bool:
         """Whether a larger ``metric`` is better (for keeping the best checkpoint)."""
@@ -82,3 +93,44 @@ def write_json(path: Path, data: object) -> None:
     """Write ``data`` as indented JSON; an infinite PSNR (identical images) is written as ``Infinity``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, allow_nan=True))
+
+
+class Validation:
+    """A run's evaluators, run together: at each validation while training, or once by ``dlas-test -opt``.
+
+    ``make_context(name, step)`` gives the :class:`EvalContext` of evaluator ``name`` at ``step``. Metrics are
+    returned as ``EVALNAME/metric``, images (for tensorboard) as ``EVALNAME/name``.
+    """
+
+    def __init__(self, evaluators: Mapping[str, Any], make_context: Callable[[str, int], EvalContext]):
+        self.evaluators = dict(evaluators)
+        self.make_context = make_context
+        self.images: dict[str, torch.Tensor] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.evaluators)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        self.images = {}
+        with torch.no_grad():
+            for name, evaluator in self.evaluators.items():
+                ctx = self.make_context(name, step)
+                metrics.update({f"{name}/{k}": float(v) for k, v in evaluator(ctx).items()})
+                self.images.update({f"{name}/{k}": v for k, v in ctx.images.items()})
+        return metrics
+
+    def higher_is_better(self, key: str) -> bool:
+        """The direction of ``EVALNAME/metric`` (evaluators without ``is_higher_better``: unless it is a loss)."""
+        name, _, metric = key.partition("/")
+        evaluator = self.evaluators.get(name)
+        return evaluator.is_higher_better(metric) if hasattr(evaluator, "is_higher_better") else "loss" not in key
+
+    def summary(self, metrics: Mapping[str, float]) -> list[str]:
+        """Every evaluator's summary lines about its part of ``metrics``."""
+        lines = []
+        for name, evaluator in self.evaluators.items():
+            own = {k[len(name) + 1:]: v for k, v in metrics.items() if k.startswith(f"{name}/")}
+            if own and hasattr(evaluator, "summary"):
+                lines += [f"{name}: {line}" for line in evaluator.summary(own)]
+        return lines

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from torch.utils.data import default_collate
-
+from dlas.data.collate import ItemCollator
 from dlas.errors import ConfigError
 from dlas.evaluators.base import EvalContext, Evaluator
 from dlas.registry import EVALUATORS
@@ -45,18 +44,17 @@ class LossEvaluator(Evaluator):
         if count == 0:
             raise ConfigError("the dataset is empty", f"datasets.{self.dataset_name}")
         indices = list(ctx.shard(count))
+        entry = (ctx.config.get("datasets") or {}).get(self.dataset_name) or {}
+        collate = ItemCollator(self.dataset_name, entry.get("item_keys"))
         sums: dict[str, float] = defaultdict(float)
         for start in range(0, len(indices), self.batch_size):
-            items = [data[i] for i in indices[start : start + self.batch_size]]
+            items = [collate.named(data[i]) for i in indices[start : start + self.batch_size]]
             for group in _same_size_groups(items):
-                for name, value in ctx.compute_losses(default_collate(group)).items():
+                for name, value in ctx.compute_losses(collate(group)).items():
                     sums[name] += float(value) * len(group)
         # every rank must reduce the same names, even one that got no items: ask for them on an empty shard too
-        names = sorted(sums) or self._names(ctx, data)
+        names = sorted(sums) or sorted(ctx.compute_losses(collate([data[0]])))
         return ctx.global_mean({name: sums[name] for name in names}, len(indices))
-
-    def _names(self, ctx: EvalContext, data) -> list[str]:
-        return sorted(ctx.compute_losses(default_collate([data[0]])))
 
 
 def _same_size_groups(items: list[dict]) -> list[list[dict]]:

@@ -1,22 +1,17 @@
 """Super-resolution validation: upscale each validation image, score it against its HQ image, save it."""
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Literal, Optional
-
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import Literal, Mapping, Optional
 
 from dlas.errors import ConfigError, DataError
 from dlas.evaluators.base import EvalContext, Evaluator, write_json
-from dlas.inference import run_network, save_image, tensor_to_uint8
-from dlas.metrics import psnr, ssim
+from dlas.inference.images import save_image, tensor_to_uint8
+from dlas.inference.tasks import Request, UpscaleTask
+from dlas.inference.tiling import check_tiling
+from dlas.metrics.scoring import ImageScorer
 from dlas.registry import EVALUATORS
-
-log = logging.getLogger(__name__)
 
 Metric = Literal["psnr", "ssim", "lpips"]
 
@@ -66,11 +61,7 @@ class SREvaluator(Evaluator):
     ):
         if crop_border is not None and crop_border < 0:
             raise ConfigError(f"must be >= 0, got {crop_border}", "crop_border")
-        if tile is not None and tile < 1:
-            raise ConfigError(f"must be >= 1 or null (no tiling), got {tile}", "tile")
-        if tile is not None and not 0 <= tile_overlap <= tile // 2:
-            raise ConfigError(f"tile_overlap must be between 0 and tile / 2 = {tile // 2}, got {tile_overlap}",
-                              "tile_overlap")
+        check_tiling(tile, tile_overlap)
         if max_images is not None and max_images < 1:
             raise ConfigError(f"must be >= 1 or null (all images), got {max_images}", "max_images")
         if "lpips" in metrics:  # a missing weights file should stop `--validate`, not the first validation hours later
@@ -79,47 +70,39 @@ class SREvaluator(Evaluator):
             backbone_weights_file(lpips_net, lpips_weights)
         self.network_name = network
         self.dataset_name = dataset
-        self.metrics = list(dict.fromkeys(metrics))
-        self.crop_border = crop_border
-        self.y_channel = y_channel
+        self.scorer = ImageScorer(metrics, crop_border, y_channel, lpips_net, lpips_weights)
+        self.metrics = self.scorer.metrics
         self.tile = tile
         self.tile_overlap = tile_overlap
         self.save_images = save_images
         self.max_images = max_images
-        self.lpips_net = lpips_net
-        self.lpips_weights = lpips_weights
-        self._lpips = None
         self._bicubic: Optional[tuple[float, int]] = None  # this rank's (sum, count): the baseline never changes
 
-    def _lpips_metric(self, device: torch.device):
-        if self._lpips is None:
-            from dlas.metrics import LPIPSMetric
-
-            self._lpips = LPIPSMetric(self.lpips_net, self.lpips_weights, device)
-        return self._lpips
-
     def __call__(self, ctx: EvalContext) -> dict[str, float]:
-        net = self.network(ctx, self.network_name)
         data = self.dataset(ctx, self.dataset_name)
+        self.network(ctx, self.network_name)
+        task = UpscaleTask(ctx.networks, ctx.config, ctx.device, ctx.autocast, network=self.network_name,
+                           tile=self.tile, tile_overlap=self.tile_overlap)
+        self.scorer.device = ctx.device
         count = len(data) if self.max_images is None else min(len(data), self.max_images)
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
         sums: dict[str, float] = defaultdict(float)
         bicubic_sum, per_image, done = 0.0, {}, 0
+        shown = []
         for index in ctx.shard(count):
             item = data[index]
-            if "lq" not in item or "hq" not in item:
-                raise DataError(f"the 'sr' evaluator needs items with 'lq' and 'hq', got {sorted(item)}",
+            if not isinstance(item, dict) or "lq" not in item or "hq" not in item:
+                keys = sorted(item) if isinstance(item, dict) else type(item).__name__
+                raise DataError(f"the 'sr' evaluator needs items with 'lq' and 'hq', got {keys}",
                                 f"datasets.{self.dataset_name}")
-            lq = item["lq"].unsqueeze(0).to(ctx.device)
-            hq = item["hq"]
+            lq, hq = item["lq"], item["hq"]
             scale = hq.shape[-1] // lq.shape[-1]
             source = str(item.get("path", f"{index:05d}"))
-            with torch.no_grad(), ctx.autocast():
-                try:
-                    output = run_network(net, lq, scale, self.tile, self.tile_overlap)
-                except ValueError as exc:  # tiled_forward: a tile's output is not `scale` x the tile
-                    raise DataError(f"{exc}; the HQ images are x{scale} their LQ: set the dataset's scale to the "
-                                    "network's", source) from exc
+            try:
+                output = task(Request(source, image=lq))[0]
+            except ValueError as exc:  # tiled_forward: a tile's output is not `scale` x the tile
+                raise DataError(f"{exc}; the HQ images are x{scale} their LQ: set the dataset's scale to the "
+                                "network's", source) from exc
             if output.shape[-2:] != hq.shape[-2:]:
                 net_scale = output.shape[-1] / lq.shape[-1]
                 hint = (f"the network upscales x{net_scale:g} but the dataset's HQ is x{scale} its LQ: set the "
@@ -127,20 +110,13 @@ class SREvaluator(Evaluator):
                         "crop HQ images to a multiple of the scale")
                 raise DataError(f"network output {tuple(output.shape[-2:])} differs from the HQ image "
                                 f"{tuple(hq.shape[-2:])}; {hint}", source)
-            nonfinite = int((~torch.isfinite(output)).sum())
-            if nonfinite:  # scored (and saved) as black pixels: make the cause visible
-                log.warning("sr evaluator: %s: %d non-finite output values (NaN/Inf, scored as black); the network "
-                            "diverged or overflowed", source, nonfinite)
-            sr_image, hq_image = tensor_to_uint8(output[0]), tensor_to_uint8(hq)
+            sr_image, hq_image = tensor_to_uint8(output), tensor_to_uint8(hq)
             try:
-                values = self._score(sr_image, hq_image, scale, ctx.device)
+                values = self.scorer(sr_image, hq_image, scale)
             except ValueError as exc:  # too small for crop_border (or SSIM's 11x11 window)
-                hint = ("; lower eval crop_border, leave out ssim or use larger validation images"
-                        if "shape" not in str(exc) else "")
-                raise DataError(f"cannot score this image: {exc}{hint}", source) from exc
+                raise DataError(f"cannot score this image: {exc}", source) from exc
             if self._bicubic is None:
-                bicubic = F.interpolate(lq.float(), size=hq.shape[-2:], mode="bicubic", align_corners=False)
-                bicubic_sum += psnr(tensor_to_uint8(bicubic[0]), hq_image, self._crop(scale), self.y_channel)
+                bicubic_sum += self.scorer.baseline_psnr(lq, hq_image, scale)
             for name, value in values.items():
                 sums[name] += value
             stem = Path(source).stem
@@ -149,6 +125,8 @@ class SREvaluator(Evaluator):
             per_image[stem] = values
             if self.save_images:
                 save_image(ctx.out_dir / f"{stem}.png", sr_image)
+            if len(shown) < 4:
+                shown.append(output.clamp(0, 1))
             done += 1
         if self._bicubic is None:
             self._bicubic = (bicubic_sum, done)
@@ -158,23 +136,19 @@ class SREvaluator(Evaluator):
         write_json(ctx.out_dir / f"per_image{suffix}.json", per_image)
         if ctx.rank == 0:
             write_json(ctx.out_dir / "metrics.json", {"step": ctx.step, **means, "convention": self.convention()})
+            for i, image in enumerate(shown):
+                ctx.add_image(f"output_{i}", image)
         return means
 
-    def _crop(self, scale: int) -> int:
-        return scale if self.crop_border is None else self.crop_border
-
-    def _score(self, output: np.ndarray, target: np.ndarray, scale: int, device: torch.device) -> dict[str, float]:
-        values = {}
-        if "psnr" in self.metrics:
-            values["psnr"] = psnr(output, target, self._crop(scale), self.y_channel)
-        if "ssim" in self.metrics:
-            values["ssim"] = ssim(output, target, self._crop(scale), self.y_channel)
-        if "lpips" in self.metrics:  # LPIPS convention: whole RGB image, no crop
-            values["lpips"] = self._lpips_metric(device)(output, target)
-        return values
+    def summary(self, metrics: Mapping[str, float]) -> list[str]:
+        """PSNR next to bicubic upscaling's: the baseline a model must beat to have learnt anything."""
+        if "psnr" not in metrics or "psnr_bicubic" not in metrics:
+            return []
+        return [f"PSNR {metrics['psnr']:.2f} dB, bicubic upscaling {metrics['psnr_bicubic']:.2f} dB "
+                f"({metrics['psnr'] - metrics['psnr_bicubic']:+.2f} dB)"]
 
     def convention(self) -> str:
         """How PSNR/SSIM were computed, to be written next to the numbers."""
-        crop = "crop = scale" if self.crop_border is None else f"crop = {self.crop_border}"
-        lpips = f"; LPIPS {self.lpips_net}, RGB, no crop" if "lpips" in self.metrics else ""
-        return f"{'Y (BT.601)' if self.y_channel else 'RGB'}, {crop}, uint8 output{lpips}"
+        crop = "crop = scale" if self.scorer.crop_border is None else f"crop = {self.scorer.crop_border}"
+        lpips = f"; LPIPS {self.scorer.lpips_net}, RGB, no crop" if "lpips" in self.metrics else ""
+        return f"{'Y (BT.601)' if self.scorer.y_channel else 'RGB'}, {crop}, uint8 output{lpips}"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 
 class Injector:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from dlas.errors import ConfigError
 from dlas.injectors.base import Injector
 from dlas.registry import INJECTORS
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 KeySpec = Union[str, list[str], dict[str, str]]
 

@@ -8,7 +8,7 @@ import torch
 from dlas.errors import ConfigError
 from dlas.injectors.base import Injector
 from dlas.registry import INJECTORS
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 
 @INJECTORS.register("image_patch")

@@ -5,7 +5,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 
 class Loss(torch.nn.Module):

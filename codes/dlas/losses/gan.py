@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dlas.errors import ConfigError
 from dlas.losses.base import Loss
 from dlas.registry import LOSSES
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 GanType = Literal["vanilla", "lsgan", "ragan", "hinge", "wgan"]
 GpType = Literal["r1", "wgan_gp"]

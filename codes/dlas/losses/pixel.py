@@ -8,7 +8,7 @@ import torch
 from dlas.errors import ConfigError
 from dlas.losses.base import Loss
 from dlas.registry import LOSSES
-from dlas.trainer.context import Context
+from dlas.context import Context
 
 
 @LOSSES.register("pix")

@@ -1,12 +1,14 @@
 """Image quality metrics: PSNR and SSIM (BasicSR conventions), LPIPS and FID (local weights only).
 
-``psnr``/``ssim`` take HWC **RGB** numpy images in [0, 255]; ``dlas.inference.tensor_to_uint8`` turns a
+``psnr``/``ssim`` take HWC **RGB** numpy images in [0, 255]; ``tensor_to_uint8`` turns a
 CHW [0, 1] tensor into one, quantised exactly like a saved PNG.
 """
 from dlas.metrics.color import rgb_to_y
+from dlas.metrics.convention import tensor_to_uint8
 from dlas.metrics.fid import InceptionFeatures, feature_statistics, fid, frechet_distance, reference_statistics
 from dlas.metrics.lpips import LPIPSMetric, lpips
 from dlas.metrics.psnr import psnr
+from dlas.metrics.scoring import ImageScorer
 from dlas.metrics.ssim import ssim
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "reference_statistics",
     "InceptionFeatures",
     "rgb_to_y",
+    "tensor_to_uint8",
+    "ImageScorer",
 ]

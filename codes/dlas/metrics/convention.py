@@ -2,8 +2,19 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from dlas.metrics.color import rgb_to_y
+
+
+def tensor_to_uint8(image: torch.Tensor) -> np.ndarray:
+    """A CHW (or 1xCxHxW) RGB tensor in [0, 1] as an HWC uint8 array, rounded exactly as a saved PNG is."""
+    if image.dim() == 4:
+        if image.shape[0] != 1:
+            raise ValueError(f"expected one image, got a batch of {image.shape[0]}")
+        image = image[0]
+    quantised = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return quantised.permute(1, 2, 0).cpu().numpy()
 
 
 def as_hwc(image: np.ndarray, name: str) -> np.ndarray:
@@ -11,7 +22,7 @@ def as_hwc(image: np.ndarray, name: str) -> np.ndarray:
     if not isinstance(image, np.ndarray):
         raise TypeError(
             f"{name} must be a numpy HWC image in [0, 255], got {type(image).__name__}; "
-            "convert tensors with dlas.inference.tensor_to_uint8"
+            "convert tensors with dlas.metrics.tensor_to_uint8"
         )
     if image.ndim == 2:
         return image[..., None]
@@ -32,7 +43,7 @@ def prepare_pair(a: np.ndarray, b: np.ndarray, crop_border: int, y_channel: bool
         raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
     if y_channel and a.shape[2] not in (1, 3):  # else a CHW array or RGBA would be scored per channel, not on Y
         raise ValueError(f"y_channel needs HxWx3 RGB (or HxW grey) images, got shape {a.shape}; convert CHW "
-                         "tensors with dlas.inference.tensor_to_uint8 and drop alpha first")
+                         "tensors with dlas.metrics.tensor_to_uint8 and drop alpha first")
     if crop_border < 0:
         raise ValueError(f"crop_border must be >= 0, got {crop_border}")
     if crop_border:

@@ -11,15 +11,17 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 
-from dlas.trainer import checkpoint as ckpt
+from dlas import checkpoint as ckpt
+from dlas.evaluators.base import Validation
 from dlas.trainer.trainer import ExtensibleTrainer
 
 log = logging.getLogger("dlas")
+
 
 class TrainingStopped(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
@@ -53,23 +55,23 @@ class TrainLoop:
     """Runs an :class:`ExtensibleTrainer` over the train loader with logging, validation and checkpoints."""
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, trainer: ExtensibleTrainer, make_loader,
-                 evaluate=None, dist=None, higher_is_better=None, dataset=None):
+                 validation: Optional[Validation] = None, dist=None, dataset=None):
         self.cfg, self.run_dir, self.trainer = cfg, Path(run_dir), trainer
         self.make_loader = make_loader  # start_samples -> iterable of batches (resumes mid-epoch)
-        self.evaluate = evaluate  # step -> {metric: value} (the same on every rank), or None without validation
-        self.higher_is_better = higher_is_better or (lambda metric: "loss" not in metric)
+        # step -> {metric: value} (the same on every rank); None or empty: no validation
+        self.validation = validation if validation else None
         self.dataset = dataset  # the train set, for its count of skipped bad images
-        self.last_saved = trainer.step if trainer.step > 0 else -1  # a restored trainer sits on its checkpoint
+        self.last_saved = trainer.iteration if trainer.iteration > 0 else -1  # a restored trainer sits on its checkpoint
         self.last_metrics: dict[str, float] = {}
         self.warned_missing_best = False
         self.dist = dist
         self.is_main = dist is None or dist.rank == 0
         self.train_cfg, self.log_cfg = cfg["train"], cfg["logger"]
-        self.batch_size = cfg["datasets"]["train"].get("batch_size", 1)
+        self.batch_size = cfg["datasets"]["train"]["batch_size"]
         self.stop_requested = False
         self.best = ckpt.read_best(self.run_dir)
         self.writer = None
-        if self.is_main and self.log_cfg.get("tensorboard", True):
+        if self.is_main and self.log_cfg["tensorboard"]:
             from dlas.logging.tensorboard import TensorboardWriter
             self.writer = TensorboardWriter(self.run_dir / "tb")
 
@@ -79,43 +81,43 @@ class TrainLoop:
         trainer = self.trainer
         old_handlers = self._install_signal_handlers()
         window: dict[str, Any] = {"logs": {}, "n": 0, "data_time": 0.0, "start": time.perf_counter()}
-        progress = self._progress(trainer.step, niter)
-        batches = iter(self.make_loader(trainer.step * self.batch_size))
+        progress = self._progress(trainer.iteration, niter)
+        batches = iter(self.make_loader(trainer.iteration * self.batch_size))
         try:
-            while trainer.step < niter and not self.stop_requested:
+            while trainer.iteration < niter and not self.stop_requested:
                 tick = time.perf_counter()
                 batch = next(batches)
                 window["data_time"] += time.perf_counter() - tick
                 logs = trainer.train_step(batch)
-                step = trainer.step
+                step = trainer.iteration
                 if self.dist:  # a signal may reach one rank only; every rank must stop (and save) together
                     self.stop_requested = self.dist.any_true(self.stop_requested)
                 self._accumulate(window, logs)
                 progress.update(1)
-                if step % self.log_cfg.get("print_freq", 100) == 0 or step == niter:
+                if step % self.log_cfg["print_freq"] == 0 or step == niter:
                     self._log_window(window, step, progress)
-                if self.log_cfg.get("visuals") and step % self.log_cfg.get("visual_freq", 500) == 0:
+                if self.log_cfg["visuals"] and step % self.log_cfg["visual_freq"] == 0:
                     self._write_visuals(step)
                 new_best = False
-                if self.evaluate and self.train_cfg.get("val_freq") and (
+                if self.validation and self.train_cfg["val_freq"] and (
                         step % self.train_cfg["val_freq"] == 0 or step == niter):
                     new_best = self._validate(step)
-                max_bad = self.train_cfg.get("max_bad_steps", 10)  # 0: never stop
+                max_bad = self.train_cfg["max_bad_steps"]  # 0: never stop
                 if max_bad and trainer.bad_steps >= max_bad:
                     self.save(step)
                     raise TrainingStopped(
                         f"{trainer.bad_steps} steps in a row had non-finite losses or gradients (see the warnings "
                         f"above); saved checkpoint {step}. Lower the learning rate, enable grad_clip, or use bf16 "
                         f"instead of fp16, then resume.")
-                if step % self.log_cfg.get("save_checkpoint_freq", 5000) == 0 or new_best:
+                if step % self.log_cfg["save_checkpoint_freq"] == 0 or new_best:
                     self.save(step)
-            if self.last_saved != trainer.step:
-                self.save(trainer.step)
+            if self.last_saved != trainer.iteration:
+                self.save(trainer.iteration)
             if self.stop_requested:
                 log.info("stopped by signal at step %d; checkpoint saved, resume by running the same command",
-                         trainer.step)
+                         trainer.iteration)
             else:
-                log.info("training finished at step %d", trainer.step)
+                log.info("training finished at step %d", trainer.iteration)
                 self._summarize()
         finally:
             progress.close()
@@ -209,8 +211,11 @@ class TrainLoop:
     # ------------------------------------------------------------------ validation
     def _validate(self, step: int) -> bool:
         """Run the evaluators; return whether the ``logger.keep_best`` metric improved."""
-        metrics = self.evaluate(step)
+        metrics = self.validation(step)
         self.last_metrics = metrics
+        if self.is_main and self.writer:
+            for key, images in self.validation.images.items():
+                self.writer.add_images(f"val/{key}", images, step)
         if self.is_main and metrics:
             out = self.run_dir / "val" / str(step)
             out.mkdir(parents=True, exist_ok=True)
@@ -219,14 +224,14 @@ class TrainLoop:
             if self.writer:
                 self.writer.add_scalars({f"val/{k}": v for k, v in metrics.items()}, step)
         # every rank has the same metrics, so every rank takes the same decision (saving is collective)
-        key = self.log_cfg.get("keep_best")
+        key = self.log_cfg["keep_best"]
         if key and metrics and key not in metrics and not self.warned_missing_best:
             log.warning("logger.keep_best is '%s', but validation reported only %s: no best checkpoint is kept "
                         "(does the evaluator compute that metric?)", key, ", ".join(sorted(metrics)))
             self.warned_missing_best = True
         if not key or key not in metrics or not math.isfinite(metrics[key]):
             return False
-        higher = self.higher_is_better(key)
+        higher = self.validation.higher_is_better(key)
         value = metrics[key]
         if self.best is None or (value > self.best["value"] if higher else value < self.best["value"]):
             self.best = {"metric": key, "value": value, "step": step}
@@ -235,12 +240,10 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def _summarize(self) -> None:
-        """The final validation numbers, each PSNR next to bicubic upscaling's when the evaluator reports it."""
-        for key, value in self.last_metrics.items():
-            baseline = self.last_metrics.get(f"{key}_bicubic")
-            if key.endswith("/psnr") and baseline is not None:
-                log.info("final validation %s: %.2f dB, bicubic upscaling %.2f dB (%+.2f dB)", key, value, baseline,
-                         value - baseline)
+        """What the evaluators have to say about the final validation (an SR evaluator: PSNR against bicubic's)."""
+        if self.validation and self.last_metrics:
+            for line in self.validation.summary(self.last_metrics):
+                log.info("final validation %s", line)
 
     def save(self, step: int) -> None:
         state = self.trainer.state_dict()
@@ -258,8 +261,8 @@ class TrainLoop:
         if self.best and self.best["step"] == step:
             ckpt.write_best(self.run_dir, self.best["metric"], self.best["value"], step)
         protect = [self.best["step"]] if self.best else []
-        deleted = ckpt.prune_checkpoints(self.run_dir, self.log_cfg.get("keep_checkpoints", 5),
-                                         self.log_cfg.get("keep_every"), protect)
+        deleted = ckpt.prune_checkpoints(self.run_dir, self.log_cfg["keep_checkpoints"], self.log_cfg["keep_every"],
+                                         protect)
         log.info("saved checkpoint %s%s", folder, f" (pruned {deleted})" if deleted else "")
 
 

@@ -11,14 +11,13 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from dlas.config.schema import GATE_KEYS, LOSS_KEYS
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.injectors.base import Injector
 from dlas.losses.base import Loss
 from dlas.registry import INJECTORS, LOSSES, OPTIMIZERS, SCHEDULERS
-from dlas.trainer.context import Context
 from dlas.trainer.schedules import Gate, build_weight
-
-GATE_KEYS = ("after", "before", "every")
 
 
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -26,11 +25,10 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     if hasattr(torch.nn.utils, "get_total_norm"):
         return torch.nn.utils.get_total_norm(grads, foreach=True)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-LOSS_RESERVED = ("weight",) + GATE_KEYS
 
 
 def gate_of(cfg: Mapping[str, Any], path: str) -> Gate:
-    return Gate(after=cfg.get("after"), before=cfg.get("before"), every=cfg.get("every"), path=path)
+    return Gate(after=cfg["after"], before=cfg["before"], every=cfg["every"], path=path)
 
 
 @dataclass
@@ -68,22 +66,20 @@ class Step:
     @classmethod
     def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "Step":
         path = f"steps.{name}"
-        training = cfg["training"]
-        training = [training] if isinstance(training, str) else list(training)
         injectors = [
             GatedInjector(key, INJECTORS.build(icfg, f"{path}.injectors.{key}", reserved=GATE_KEYS),
                           gate_of(icfg, f"{path}.injectors.{key}"))
-            for key, icfg in (cfg.get("injectors") or {}).items()
+            for key, icfg in cfg["injectors"].items()
         ]
         losses = [
-            WeightedLoss(key, LOSSES.build(lcfg, f"{path}.losses.{key}", reserved=LOSS_RESERVED),
-                         build_weight(lcfg.get("weight", 1.0), f"{path}.losses.{key}.weight"),
+            WeightedLoss(key, LOSSES.build(lcfg, f"{path}.losses.{key}", reserved=LOSS_KEYS),
+                         build_weight(lcfg["weight"], f"{path}.losses.{key}.weight"),
                          gate_of(lcfg, f"{path}.losses.{key}"))
-            for key, lcfg in (cfg.get("losses") or {}).items()
+            for key, lcfg in cfg["losses"].items()
         ]
         if not losses:
             raise ConfigError("a step needs at least one loss", f"{path}.losses")
-        return cls(name, training, injectors, losses, gate_of(cfg, path), cfg.get("grad_clip"))
+        return cls(name, list(cfg["training"]), injectors, losses, gate_of(cfg, path), cfg["grad_clip"])
 
     def build_optimizer(self, cfg: Mapping[str, Any], networks: Mapping[str, torch.nn.Module],
                         scheduler_cfg: Optional[Mapping[str, Any]], scheduler_path: str, use_scaler: bool,
@@ -100,7 +96,7 @@ class Step:
     # ------------------------------------------------------------------ running
     def run_injectors(self, state: dict, ctx: Context) -> None:
         for item in self.injectors:
-            if item.gate.active(ctx.step):
+            if item.gate.active(ctx.iteration):
                 state.update(item.injector(state, ctx))
 
     def compute_losses(self, state: dict, ctx: Context) -> tuple[Optional[torch.Tensor], dict[str, torch.Tensor]]:
@@ -108,9 +104,9 @@ class Step:
         total = None
         logged: dict[str, torch.Tensor] = {}
         for item in self.losses:
-            if not item.gate.active(ctx.step):
+            if not item.gate.active(ctx.iteration):
                 continue
-            weight = item.weight(ctx.step)
+            weight = item.weight(ctx.iteration)
             value = item.loss(state, ctx)
             if value.dim() != 0:
                 raise ValueError(f"steps.{self.name}.losses.{item.name} returned shape {tuple(value.shape)}, "

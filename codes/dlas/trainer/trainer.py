@@ -15,17 +15,14 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
+from dlas.build import autocast, build_network
+from dlas.context import Context
 from dlas.errors import ConfigError, Problem, UserError, did_you_mean
-from dlas.registry import NETWORKS
-from dlas.trainer.context import Context
 from dlas.trainer.ema import EMA
 from dlas.trainer.schedules import Gate
 from dlas.trainer.steps import Step
 
 log = logging.getLogger("dlas")
-
-NETWORK_KEYS = ("channels_last", "compile", "checkpointing", "frozen", "ema")
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def enable_checkpointing(net: torch.nn.Module, name: str) -> int:
@@ -69,27 +66,29 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
 
 
 class ExtensibleTrainer:
-    """Builds networks, steps and EMA from a resolved config and runs training iterations."""
+    """Builds networks, steps and EMA from a resolved config (:func:`dlas.config.load_config` or
+    :func:`dlas.config.resolve_config`: every default filled in) and runs training iterations."""
 
     def __init__(self, cfg: Mapping[str, Any], device: torch.device, dist: Any = None):
         self.cfg = cfg
         self.device = device
         train = cfg["train"]
-        self.precision = cfg.get("precision", "fp32")
-        self.mega_batch_factor = int(train.get("mega_batch_factor", 1))
-        self.step = 0  # completed iterations
+        self.precision = cfg["precision"]
+        self.autocast = autocast(self.precision, device)
+        self.mega_batch_factor = train["mega_batch_factor"]
+        self.iteration = 0  # completed iterations
         self.bad_steps = 0  # consecutive skipped updates (NaN/Inf guard)
         self.bad_total = 0
 
         self.networks: dict[str, torch.nn.Module] = {}
         self.frozen: dict[str, Any] = {}
         for name, ncfg in cfg["networks"].items():
-            net = NETWORKS.build(dict(ncfg), f"networks.{name}", reserved=NETWORK_KEYS).to(device)
-            if ncfg.get("channels_last"):
+            net = build_network(cfg, name, f"networks.{name}").to(device)
+            if ncfg["channels_last"]:
                 net = net.to(memory_format=torch.channels_last)
             self.networks[name] = net
-            frozen = ncfg.get("frozen", False)
-            self.frozen[name] = Gate(frozen.get("after"), frozen.get("before"), None,
+            frozen = ncfg["frozen"]
+            self.frozen[name] = Gate(frozen["after"], frozen["before"], None,
                                       f"networks.{name}.frozen") if isinstance(frozen, dict) else bool(frozen)
         self.steps = [Step.from_config(name, scfg) for name, scfg in cfg["steps"].items()]
         for step in self.steps:  # losses may hold modules or buffers (a VGG): they live where the data does
@@ -97,23 +96,22 @@ class ExtensibleTrainer:
                 item.loss.to(device)
         self._check_training_names()
 
-        ema_cfg = train.get("ema")
+        ema_cfg = train["ema"]
         self.ema: Optional[EMA] = None
         if ema_cfg:
             rates = ema_cfg["rate"] if isinstance(ema_cfg["rate"], list) else [ema_cfg["rate"]]
-            names = ema_cfg.get("networks") or [s for step in self.steps for s in step.training]
-            names = [n for n in dict.fromkeys(names) if cfg["networks"][n].get("ema", True)]
-            self.ema = EMA({n: self.networks[n] for n in names}, rates, ema_cfg.get("warmup", 0),
-                           ema_cfg.get("start", 0))
+            names = ema_cfg["networks"] or [s for step in self.steps for s in step.training]
+            names = [n for n in dict.fromkeys(names) if cfg["networks"][n]["ema"]]
+            self.ema = EMA({n: self.networks[n] for n in names}, rates, ema_cfg["warmup"], ema_cfg["start"])
 
         # Checkpointing and compilation change how a network runs, not its weights: apply them after the EMA
         # copies are made so that the shadows stay plain modules.
         self.runners: dict[str, torch.nn.Module] = {}
         for name, net in self.networks.items():
             ncfg = cfg["networks"][name]
-            if ncfg.get("checkpointing"):
+            if ncfg["checkpointing"]:
                 enable_checkpointing(net, name)
-            self.runners[name] = torch.compile(net) if ncfg.get("compile") else net
+            self.runners[name] = torch.compile(net) if ncfg["compile"] else net
         # in config order, never set order: every rank must wrap (and broadcast) the networks in the same order
         trained = list(dict.fromkeys(n for step in self.steps for n in step.training))
         self.dist = dist
@@ -123,11 +121,11 @@ class ExtensibleTrainer:
         if dist is not None:
             self.ddp = {n: dist.wrap(self.runners[n]) for n in trained if self.frozen[n] is not True}
 
-        scheduler_default = train.get("lr_scheduler")
+        scheduler_default = train["lr_scheduler"]
         use_scaler = self.precision == "fp16"
         for step, scfg in zip(self.steps, cfg["steps"].values()):
-            sched = scfg.get("lr_scheduler") or scheduler_default
-            sched_path = f"steps.{step.name}.lr_scheduler" if scfg.get("lr_scheduler") else "train.lr_scheduler"
+            sched = scfg["lr_scheduler"] or scheduler_default
+            sched_path = f"steps.{step.name}.lr_scheduler" if scfg["lr_scheduler"] else "train.lr_scheduler"
             step.build_optimizer(scfg["optimizer"], self.networks, sched, sched_path, use_scaler, device)
         self._disabled: list[torch.nn.Parameter] = []
 
@@ -178,7 +176,7 @@ class ExtensibleTrainer:
                 if name not in reached:
                     problems.append(Problem(f"steps.{step.name}.training[{i}]", f"network '{name}' is trained by "
                                             "this step, but none of its losses depends on it"))
-        for i, key in enumerate((self.cfg.get("logger") or {}).get("visuals") or []):
+        for i, key in enumerate(self.cfg["logger"]["visuals"]):
             if key not in available:
                 problems.append(Problem(f"logger.visuals[{i}]", f"no dataset or injector produces '{key}'"
                                         f"{did_you_mean(key, available)}"))
@@ -186,9 +184,9 @@ class ExtensibleTrainer:
             raise ConfigError(problems)
 
     # ------------------------------------------------------------------ one iteration
-    def is_frozen(self, name: str, step: int) -> bool:
+    def is_frozen(self, name: str, iteration: int) -> bool:
         frozen = self.frozen[name]
-        return frozen.active(step) if isinstance(frozen, Gate) else frozen
+        return frozen.active(iteration) if isinstance(frozen, Gate) else frozen
 
     def _set_trainable(self, trainable: set[str]) -> None:
         """Turn off gradients of networks a step does not train, remembering which ones to turn back on."""
@@ -205,21 +203,17 @@ class ExtensibleTrainer:
             p.requires_grad_(True)
         self._disabled = []
 
-    def context(self, step: int, training: bool = True, trainable: Iterable[str] = ()) -> Context:
+    def context(self, iteration: int, training: bool = True, trainable: Iterable[str] = ()) -> Context:
         networks = dict(self.runners)
         networks.update({n: self.ddp[n] for n in trainable if n in self.ddp})
-        return Context(networks=networks, step=step, training=training, device=self.device)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = DTYPES[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return Context(networks=networks, iteration=iteration, training=training, device=self.device)
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def train_step(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Run one iteration on ``batch``; returns detached values to log (losses, grad norms, debug scalars)."""
-        it = self.step + 1
+        it = self.iteration + 1
         for net in self.networks.values():
             if not net.training:  # train() walks every submodule: only after validation switched it off
                 net.train()
@@ -274,7 +268,7 @@ class ExtensibleTrainer:
                     step.scheduler.step()
         for name, value in scalars.items():
             logs[f"debug/{name}"] = value
-        self.step = it
+        self.iteration = it
         self.last_state = states[0]  # for visuals: one micro-batch, not the whole batch's tensors
         return logs
 
@@ -300,7 +294,7 @@ class ExtensibleTrainer:
         for net in self.networks.values():
             net.eval()
         state = self.to_device(batch)
-        ctx = Context(networks=self.networks, step=self.step + 1, training=False, device=self.device)
+        ctx = Context(networks=self.networks, iteration=self.iteration + 1, training=False, device=self.device)
         try:
             for step in self.steps:
                 parts = [(f"injectors.{i.name}", i.injector, True) for i in step.injectors]
@@ -334,7 +328,7 @@ class ExtensibleTrainer:
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """The training graph's losses on ``batch`` without any update (the ``loss`` evaluator)."""
         state = self.to_device(batch)
-        ctx = self.context(self.step, training=False)
+        ctx = self.context(self.iteration, training=False)
         out: dict[str, float] = {}
         with self.autocast():
             for step in self.steps:
@@ -353,7 +347,7 @@ class ExtensibleTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "step": self.step,
+            "step": self.iteration,
             "bad_steps": self.bad_steps,
             "bad_total": self.bad_total,
             "ema_updates": self.ema.updates if self.ema else 0,
@@ -372,6 +366,6 @@ class ExtensibleTrainer:
                 step.load_state_dict(state["steps"][step.name])
             else:
                 log.warning("the checkpoint has no optimizer state for step '%s': it starts fresh", step.name)
-        self.step = state["step"]
+        self.iteration = state["step"]
         self.bad_steps = state.get("bad_steps", 0)
         self.bad_total = state.get("bad_total", 0)
