@@ -50,6 +50,8 @@ EVALUATORS = {
     "sr": "dlas.evaluators.sr",
     "loss": "dlas.evaluators.loss",
     "srflow": "dlas.evaluators.srflow",
+    "reconstruction": "dlas.evaluators.reconstruction",
+    "samples": "dlas.evaluators.samples",
 }
 
 OPTIMIZERS = {
@@ -74,6 +76,7 @@ DEGRADATIONS = {
 
 TASKS = {
     "upscale": "dlas.inference.tasks",
+    "reconstruct": "dlas.inference.tasks",
     "sample": "dlas.inference.tasks",
 }
 

@@ -6,6 +6,7 @@ A task turns a :class:`Request` (an image, a caption, a seed, a count) into imag
 * ``upscale`` (:class:`UpscaleTask`): an image-to-image network on an image, tiled if asked; with
   temperatures, a stochastic one's ``sample(lq, temperature=T)`` (SRFlow). Outputs are scored against
   reference images.
+* ``reconstruct`` (:class:`ReconstructTask`): an autoencoder's reconstruction of an image.
 * ``sample`` (:class:`SampleTask`): a generative network's ``generate(count, generator, ...)``, unconditional,
   from a caption or from an image, with a seed.
 
@@ -182,6 +183,58 @@ class UpscaleTask(Task):
         self.check(request)
         images = self.upscale(request.image[None])
         count_nonfinite(images, request.name, "the network overflowed or diverged (try fp32)")
+        return images
+
+
+@TASKS.register("reconstruct")
+class ReconstructTask(Task):
+    """Encode and decode an image with an autoencoder (a VAE, a discrete VAE): its reconstruction.
+
+    Calls the network's ``reconstruct(images)`` where it has one, else its forward, which must then return an
+    image batch. An input whose sides are not a multiple of the network's ``size_multiple`` (its total
+    downsampling, when it declares one) is padded by reflection and the reconstruction cropped back, so the
+    output always has the input's size.
+
+    network: the autoencoder (default: the one the run's evaluator scores, else ``generator``).
+    """
+
+    needs = frozenset({"image"})
+    scored = True
+
+    def __init__(self, networks: Mapping[str, torch.nn.Module], config: Mapping[str, Any], device: torch.device,
+                 autocast: Callable[[], ContextManager], network: Optional[str] = None):
+        super().__init__(networks, config, device, autocast)
+        self.network_name = network or default_network_name(config)
+        self.net = self.network(self.network_name)
+        inner = getattr(self.net, "module", self.net)
+        self.forward = getattr(inner, "reconstruct", self.net)
+        self.multiple = int(getattr(inner, "size_multiple", 1))
+
+    scale_factor = 1
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """An NCHW batch -> its reconstructions (float32, on the CPU, the input's size)."""
+        import torch.nn.functional as F
+
+        images = images.to(self.device)
+        height, width = images.shape[-2:]
+        pad_h, pad_w = (-height) % self.multiple, (-width) % self.multiple
+        if pad_h or pad_w:
+            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode=mode)
+        with self.autocast():
+            output = self.forward(images)
+        if not isinstance(output, torch.Tensor) or output.shape != images.shape:
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ConfigError(f"network '{self.network_name}' does not reconstruct images: it returned {shape} for "
+                              f"{tuple(images.shape)} (give it a reconstruct(images) method)", "network")
+        return output[..., :height, :width].float().cpu()
+
+    def __call__(self, request: Request) -> torch.Tensor:
+        self.check(request)
+        images = self.reconstruct(request.image[None])
+        count_nonfinite(images, request.name)
         return images
 
 

@@ -184,10 +184,15 @@ class TrainLoop:
         for name, net in self.trainer.networks.items():
             if hasattr(net, "debug_info"):
                 for key, value in net.debug_info().items():
-                    if torch.is_tensor(value) and value.dim() == 4 and self.writer:
-                        self.writer.add_images(f"debug/{name}/{key}", value, step)
+                    tag = f"debug/{name}/{key}"
+                    if torch.is_tensor(value) and value.dim() == 4:  # images
+                        if self.writer:
+                            self.writer.add_images(tag, value, step)
+                    elif torch.is_tensor(value) and value.dim() == 1:  # a distribution (expert usage, codes)
+                        if self.writer:
+                            self.writer.add_histogram(tag, value, step)
                     else:
-                        values[f"debug/{name}/{key}"] = float(value)
+                        values[tag] = float(value)
         if self.is_main:
             step_names = {step_obj.name for step_obj in self.trainer.steps}
             losses = {k: v for k, v in values.items()
