@@ -8,6 +8,7 @@ fully transparent pixels, often black garbage). A file that cannot be decoded co
 """
 from __future__ import annotations
 
+import io
 import os
 
 import cv2
@@ -48,16 +49,27 @@ def decode_image(path: str) -> np.ndarray:
         raise UnreadableImage(f"cannot open: {exc.strerror or exc}") from exc
     if size == 0:
         raise UnreadableImage("file is empty (0 bytes)")
+    return _decode(path)
+
+
+def decode_image_bytes(data: bytes) -> np.ndarray:
+    """:func:`decode_image` of an encoded image held in memory (an LMDB value, a tar member)."""
+    if not data:
+        raise UnreadableImage("image is empty (0 bytes)")
+    return _decode(io.BytesIO(data))
+
+
+def _decode(source: str | io.BytesIO) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()  # decodes everything: a truncated file raises here, not later in a training step
             ImageOps.exif_transpose(image, in_place=True)  # phone photos store their rotation in EXIF
             array = _native_array(image)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError... for broken files
         raise UnreadableImage(f"cannot decode: {exc}") from exc
-    if _is_16bit_color_png(path):
+    if _is_16bit_color_png(source):
         # Pillow reduces 16-bit colour PNGs to 8 bits; OpenCV keeps all 16.
-        array = _read_16bit_color_png(path, array)
+        array = _read_16bit_color_png(source, array)
     return array
 
 
@@ -95,15 +107,21 @@ def to_rgb_float(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(result)
 
 
-def _is_16bit_color_png(path: str) -> bool:
-    with open(path, "rb") as file:
-        header = file.read(26)
+def _is_16bit_color_png(source: str | io.BytesIO) -> bool:
+    if isinstance(source, io.BytesIO):
+        header = source.getvalue()[:26]
+    else:
+        with open(source, "rb") as file:
+            header = file.read(26)
     # IHDR: bytes 24 and 25 are bit depth and colour type (2 = RGB, 6 = RGBA).
     return len(header) == 26 and header[:8] == _PNG_SIGNATURE and header[24] == 16 and header[25] in (2, 6)
 
 
-def _read_16bit_color_png(path: str, fallback: np.ndarray) -> np.ndarray:
-    data = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+def _read_16bit_color_png(source: str | io.BytesIO, fallback: np.ndarray) -> np.ndarray:
+    if isinstance(source, io.BytesIO):
+        data = cv2.imdecode(np.frombuffer(source.getbuffer(), np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        data = cv2.imread(source, cv2.IMREAD_UNCHANGED)
     if data is None or data.dtype != np.uint16 or data.ndim != 3:
         return fallback
     code = cv2.COLOR_BGRA2RGBA if data.shape[2] == 4 else cv2.COLOR_BGR2RGB
