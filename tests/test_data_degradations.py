@@ -1,7 +1,6 @@
 """Specification of the degradation chain (dlas.data.degradations): each step's measurable effect."""
 import numpy as np
 import pytest
-
 from dlas.data.degradations import DegradationPipeline, gaussian_kernel, sinc_kernel
 from dlas.errors import ConfigError
 
@@ -188,6 +187,14 @@ def test_prob_zero_skips_a_step():
     assert np.array_equal(out, image)
 
 
+def test_a_fractional_prob_runs_a_step_on_that_fraction_of_samples():
+    image = textured_image(16)
+    pipeline = DegradationPipeline([{"type": "noise", "gaussian": 30, "prob": 0.3}], quantize=False)
+    runs = sum(not np.array_equal(pipeline(image, (16, 16), np.random.default_rng(seed)), image)
+               for seed in range(400))
+    assert 0.22 * 400 < runs < 0.38 * 400  # binomial(400, 0.3): mean 120, sd 9
+
+
 def test_color_jitter_brightness_scales_the_image():
     image = textured_image(64)
     out = degrade([{"type": "color_jitter", "brightness": 0.5}], image)
@@ -268,7 +275,6 @@ def test_real_esrgan_yaml_in_the_docs_is_the_preset():
     import pathlib
 
     import yaml
-
     from dlas.data.degradations import PRESETS
 
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()

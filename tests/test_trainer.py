@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-import trainer_components  # noqa: F401  (registers test_conv, test_critic, test_random_pairs)
+import trainer_components
 from dlas.config import resolve_config
 from dlas.errors import ConfigError
 from dlas.trainer.ema import EMA
@@ -71,14 +70,34 @@ def test_config_run_equals_hand_written_loop():
     assert_same_weights(trainer.networks["gen"], net, atol=0)
 
 
+def with_optimizer(cfg, optimizer):
+    cfg["steps"]["gen"]["optimizer"] = optimizer
+    return cfg
+
+
+# Adam normalises the gradient's scale away, so only SGD sees a loss that is not divided by the micro-batch count.
+@pytest.mark.parametrize("optimizer", [{"type": "adam", "lr": 1e-2, "betas": [0.9, 0.99]},
+                                       {"type": "sgd", "lr": 0.05, "momentum": 0.0}], ids=["adam", "sgd"])
 @pytest.mark.parametrize("factor", [2, 4])
-def test_mega_batching_is_the_same_update_as_the_full_batch(factor):
-    full = build(base_cfg())
-    mega = build(base_cfg(mega_batch_factor=factor))
+def test_mega_batching_is_the_same_update_as_the_full_batch(factor, optimizer):
+    full = build(with_optimizer(base_cfg(), optimizer))
+    mega = build(with_optimizer(base_cfg(mega_batch_factor=factor), optimizer))
     for batch in batches(4):
         full.train_step(batch)
         mega.train_step(batch)
     assert_same_weights(full.networks["gen"], mega.networks["gen"], atol=1e-6)
+
+
+def test_the_trainer_updates_the_ema_after_every_optimizer_step():
+    trainer = build(base_cfg(ema={"rate": 0.9}))
+    shadow = copy.deepcopy(trainer.networks["gen"].state_dict())
+    for batch in batches(3):
+        trainer.train_step(batch)
+        for key, value in trainer.networks["gen"].state_dict().items():
+            shadow[key] = 0.9 * shadow[key] + 0.1 * value
+    for key, value in trainer.ema.primary("gen").state_dict().items():
+        assert torch.allclose(value, shadow[key], atol=1e-6), key
+    assert trainer.ema.updates == 3
 
 
 def test_gates_and_weight_schedules_match_the_hand_written_math():
