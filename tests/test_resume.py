@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from dlas.config import load_config
 from dlas import checkpoint as ckpt
+from dlas.config import load_config
 from dlas.trainer.run import train
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -251,6 +250,15 @@ def test_sigterm_to_the_process_group_saves_and_exits_zero(tmp_path, workers, pl
     assert not ckpt.verify_checkpoint(ckpt.checkpoint_root(run_dir) / str(steps[0]))
 
 
+def test_an_error_while_loader_workers_run_ends_the_process_instead_of_hanging(tmp_path, plugin_env):
+    # workers ignore SIGTERM, so the interpreter's exit-time terminate-and-join would wait for them forever
+    config = write_config(tmp_path, "raises", 6, workers=2)
+    config.write_text(config.read_text().replace("gen: {type: test_conv, nf: 4}",
+                                                 "gen: {type: test_fails_on_rank, fail_rank: 0, fail_step: 2}"))
+    result = subprocess.run(_train_command(config), env=plugin_env, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1 and "deliberate failure on rank 0 at step 2" in result.stderr
+
+
 def test_a_run_that_keeps_producing_nan_saves_and_stops_with_a_message(tmp_path, capsys):
     from dlas.cli.train import main
 
@@ -274,7 +282,7 @@ def test_a_failed_save_stops_the_run_loudly_and_keeps_earlier_checkpoints(tmp_pa
     run_dir = tmp_path / "experiments" / "nosave"
     assert main(["-opt", str(config), "train.niter=2"]) == 0
     # make the next save fail: the checkpoint folder of step 4 exists as a file (an OSError, like a full disk)
-    (ckpt.checkpoint_root(run_dir) / ".tmp-4-{}".format(os.getpid())).write_text("in the way")
+    (ckpt.checkpoint_root(run_dir) / f".tmp-4-{os.getpid()}").write_text("in the way")
     assert main(["-opt", str(config)]) == 1
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
     assert "saving checkpoint 4" in (run_dir / "train.log").read_text()

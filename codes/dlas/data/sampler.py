@@ -143,6 +143,18 @@ def seed_worker(worker_id: int, base_seed: int, rank: int, start_samples: int = 
     torch.manual_seed(seed)
 
 
+def stop_workers(batches: Any) -> None:
+    """Stop the loader workers behind the iterator ``batches`` (a no-op without workers).
+
+    Workers ignore SIGTERM (see :func:`seed_worker`), so the interpreter's exit-time cleanup, which terminates
+    daemonic children with SIGTERM and then joins them, would wait for them forever when an error leaves the
+    iterator alive in a traceback. The loop therefore stops them itself, on every way out.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def build_loader(dataset: Any, batch_size: int, num_workers: int = 0, shuffle: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1, start_samples: int = 0, pin_memory: Optional[bool] = None,
                  persistent_workers: Optional[bool] = None, training: bool = True,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dlas import checkpoint as ckpt
+from dlas.data.sampler import stop_workers
 from dlas.evaluators.base import Validation
 from dlas.trainer.trainer import ExtensibleTrainer
 
@@ -120,6 +121,7 @@ class TrainLoop:
                 log.info("training finished at step %d", trainer.iteration)
                 self._summarize()
         finally:
+            stop_workers(batches)
             progress.close()
             self._restore_signal_handlers(old_handlers)
             if self.writer:
