@@ -146,6 +146,8 @@ def train(cfg: Mapping[str, Any], run_dir: Path) -> None:
     loop = TrainLoop(cfg, run_dir, trainer, make_loader, validation, dist, datasets["train"])
     try:
         loop.run()
+        if dist:  # rank 0 may still be writing its last checkpoint: leave the group together, not one by one
+            dist.barrier()
     finally:
         if dist:
             dist.shutdown()
