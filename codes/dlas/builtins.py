@@ -14,6 +14,7 @@ NETWORKS = {
     "unet_discriminator": "dlas.models.sr.discriminators",
     # normalizing-flow SR
     "srflow": "dlas.models.srflow.srflow",
+    "dalle": "dlas.models.transformer.dalle",
 }
 
 INJECTORS = {
