@@ -16,7 +16,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from dlas.cli.test import Parser, add_inference_arguments, add_run_arguments, check_tiling, report_user_errors
+from dlas.cli.test import (Parser, add_inference_arguments, add_run_arguments, report_user_errors, task_flag_problems,
+                           task_options)
 from dlas.errors import ConfigError, DataError, UserError
 
 FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".avi": "MJPG", ".mov": "mp4v", ".mkv": "mp4v"}
@@ -74,7 +75,6 @@ def process(args: argparse.Namespace) -> int:
         raise ConfigError("give the trained run: --run experiments/NAME", "--run")
     if args.batch < 1:
         raise ConfigError(f"--batch must be >= 1, got {args.batch}", "--batch")
-    check_tiling(args)
     source, output = Path(args.input), Path(args.output)
     if not source.is_file():
         raise DataError("no such video file", str(source))
@@ -98,9 +98,9 @@ def process(args: argparse.Namespace) -> int:
     networks = RunNetworks(args.run, args.step, args.best, args.ema, device)
     try:
         task = UpscaleTask(networks, networks.config, device, autocast(args.precision or "fp32", device, "--precision"),
-                           network=args.network, tile=args.tile, tile_overlap=args.tile_overlap)
+                           **task_options(args))
     except ConfigError as exc:
-        raise ConfigError(exc.problems[0].message, "--network") from None
+        raise task_flag_problems(exc) from None
     writer, written = None, 0
     try:
         with tqdm(total=total, desc="process_video", unit="frame", disable=None) as progress:
@@ -109,7 +109,7 @@ def process(args: argparse.Namespace) -> int:
                 try:
                     upscaled = task.upscale(lq)
                 except ConfigError as exc:  # a network that does not return images: named by its flag
-                    raise ConfigError(exc.problems[0].message, "--network") from None
+                    raise task_flag_problems(exc) from None
                 for frame in upscaled:
                     rgb = tensor_to_uint8(frame)
                     if writer is None:

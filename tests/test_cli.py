@@ -83,6 +83,17 @@ def test_list_accepts_plural_kinds(capsys):
     assert "tiny_pix" in capsys.readouterr().out
 
 
+def test_degradations_and_tasks_are_listed_and_described_like_every_component(capsys):
+    assert main(["--list", "degradation"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.startswith("degradations:") and "  blur " in listed and "  jpeg " in listed
+    assert main(["--list", "task"]) == 0
+    assert "  upscale " in capsys.readouterr().out
+    assert main(["--describe", "blur"]) == 0
+    described = capsys.readouterr().out
+    assert "degradation 'blur'" in described and "sigma:" in described and "path" not in described.split("options:")[1]
+
+
 def test_list_unknown_kind_exits_2_with_did_you_mean(capsys):
     assert main(["--list", "netwrok"]) == 2
     assert "unknown component kind 'netwrok' (did you mean 'network'?)" in capsys.readouterr().err

@@ -1,8 +1,22 @@
 """Specification of the degradation chain (dlas.data.degradations): each step's measurable effect."""
 import numpy as np
 import pytest
-from dlas.data.degradations import DegradationPipeline, gaussian_kernel, sinc_kernel
+from dlas.data.degradations import Degradation, DegradationPipeline, gaussian_kernel, sinc_kernel
 from dlas.errors import ConfigError
+from dlas.registry import DEGRADATIONS
+
+
+@DEGRADATIONS.register("test_darken")
+class Darken(Degradation):
+    """Multiplies the image by ``factor`` (a plugin degradation)."""
+
+    def __init__(self, factor: float = 0.5, path: str = "test_darken"):
+        if not 0 <= factor <= 1:
+            raise ConfigError(f"must be within [0, 1], got {factor}", f"{path}.factor")
+        self.factor = factor
+
+    def apply(self, image, lq_size, rng):
+        return image * self.factor
 
 
 def textured_image(size: int = 96, seed: int = 0) -> np.ndarray:
@@ -193,6 +207,19 @@ def test_a_fractional_prob_runs_a_step_on_that_fraction_of_samples():
     runs = sum(not np.array_equal(pipeline(image, (16, 16), np.random.default_rng(seed)), image)
                for seed in range(400))
     assert 0.22 * 400 < runs < 0.38 * 400  # binomial(400, 0.3): mean 120, sd 9
+
+
+def test_a_plugin_degradation_runs_in_a_chain_and_its_options_are_checked():
+    image = textured_image(16)
+    out = degrade([{"type": "test_darken", "factor": 0.25}, {"type": "chain", "steps": [{"type": "test_darken"}]}],
+                  image)
+    assert np.allclose(out, image * 0.125, atol=1e-6)
+    with pytest.raises(ConfigError) as error:
+        degrade([{"type": "test_darken", "factr": 0.2}], image)
+    assert error.value.problems[0].path == "degradations[0].factr" and "factor" in error.value.problems[0].message
+    with pytest.raises(ConfigError) as error:
+        degrade([{"type": "blur"}, {"type": "test_darken", "factor": 2.0}], image)
+    assert error.value.problems[0].path == "degradations[1].factor"
 
 
 def test_color_jitter_brightness_scales_the_image():

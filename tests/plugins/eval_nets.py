@@ -37,3 +37,29 @@ class EvalTinyCritic(EvalTinySR):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x).mean(dim=(1, 2, 3))[:, None]
+
+
+@NETWORKS.register("eval_tiny_sampler")
+class EvalTinySampler(EvalTinySR):
+    """A generative toy with EvalTinySR's weights: ``generate`` draws seeded noise (scaled by ``temperature``)
+    around a grey level set by the caption's length, plus the conv's bias."""
+
+    inference_task = "sample"
+
+    def generate(self, count: int, generator: torch.Generator, caption: str = None,
+                 temperature: float = 1.0) -> torch.Tensor:
+        level = 0.5 if caption is None else (len(caption) % 10) / 10
+        noise = torch.rand(count, 3, 8, 8, generator=generator, device=self.conv.bias.device) - 0.5
+        return (level + temperature * 0.2 * noise + self.conv.bias[None, :, None, None]).clamp(0, 1)
+
+
+@NETWORKS.register("eval_tiny_autoencoder")
+class EvalTinyAutoencoder(EvalTinySR):
+    """An autoencoder toy: ``reconstruct`` takes sides that are multiples of 4 only, and adds the conv's bias."""
+
+    size_multiple = 4
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 4 or x.shape[-2] % 4:
+            raise ValueError(f"sides must be multiples of 4, got {tuple(x.shape[-2:])}")
+        return x + self.conv(x)

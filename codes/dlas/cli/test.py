@@ -60,18 +60,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     """Tiling, precision and device options (shared with ``codes/process_video.py``)."""
     parser.add_argument("--tile", type=int, help="process images in tiles of N LQ pixels (bounds memory)")
-    parser.add_argument("--tile-overlap", type=int, default=16,
+    parser.add_argument("--tile-overlap", type=int,
                         help="LQ pixels shared by neighbouring tiles, at most tile/2 (default 16)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                         help="fp32 (default), bf16 or fp16 (autocast)")
     parser.add_argument("--device", default="auto", help="auto (default: CUDA when present), cpu, cuda, cuda:N")
-
-
-def check_tiling(args: argparse.Namespace) -> None:
-    """A ConfigError naming the flag for a --tile / --tile-overlap pair that cannot work."""
-    from dlas.inference.tiling import check_tiling as check
-
-    check(args.tile, args.tile_overlap, "--tile", "--tile-overlap")
 
 
 def report_user_errors(exc: UserError) -> int:
@@ -213,21 +206,23 @@ def task_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.network:
         options["network"] = args.network
     if args.tile is not None:
-        options["tile"], options["tile_overlap"] = args.tile, args.tile_overlap
-    if args.temperature:
+        options["tile"] = args.tile
+    if args.tile_overlap is not None:
+        options["tile_overlap"] = args.tile_overlap
+    if getattr(args, "temperature", None):
         options["temperatures"] = list(args.temperature)
-    for text in args.task_option:
+    for text in getattr(args, "task_option", None) or []:
         try:
             override = parse_override(text)
         except ConfigError as exc:
             raise ConfigError(f"expected KEY=VALUE, got {text!r} ({exc.problems[0].message})", "--task-option") from exc
-        if len(override.path) != 1 or not isinstance(override.path[0], str):
+        if len(override.keys) != 1 or not isinstance(override.keys[0], str):
             raise ConfigError(f"expected KEY=VALUE with a plain option name, got {text!r}", "--task-option")
-        options[override.path[0]] = override.value
+        options[override.keys[0]] = override.value
     return options
 
 
-def _flag_problems(exc: ConfigError) -> ConfigError:
+def task_flag_problems(exc: ConfigError) -> ConfigError:
     """A task's option problems named by the command-line flag that set them (``task.tile`` -> ``--tile``)."""
     problems = []
     for p in exc.problems:
@@ -254,7 +249,6 @@ def run_task(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n must be at least 1, got {args.n}", "--n")
     if args.metrics is not None and not args.reference:
         raise ConfigError("--metrics needs --reference DIR with the HR images", "--reference")
-    check_tiling(args)
     captions = read_captions(args)
     inputs = list_images(args.input) if args.input else []
     references = _match_references(inputs, args.reference) if args.reference else {}
@@ -272,7 +266,7 @@ def run_task(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         if exc.problems and exc.problems[0].path == "task.type":
             raise ConfigError(exc.problems[0].message, "--task") from None
-        raise _flag_problems(exc) from None
+        raise task_flag_problems(exc) from None
     if not task.scored and (args.reference or args.metrics is not None):
         raise ConfigError(f"the {name} task makes new images; --metrics/--reference score upscaled inputs only",
                           "--reference")
@@ -306,7 +300,7 @@ def run_task(args: argparse.Namespace) -> int:
         try:
             images = task(request).clamp(0, 1)
         except ConfigError as exc:
-            raise _flag_problems(exc) from None
+            raise task_flag_problems(exc) from None
         if task.scored:
             save_image(output_dir / f"{request.name}.png", torch.cat(list(images), dim=-1))
             if scorer:
