@@ -45,6 +45,7 @@ DATASETS = {
     "image_folder": "dlas.data.image_folder",
     "paired_folder": "dlas.data.paired_folder",
     "single_image": "dlas.data.single_image",
+    "shapes": "dlas.data.shapes",
 }
 
 EVALUATORS = {
