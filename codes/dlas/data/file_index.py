@@ -4,6 +4,8 @@ Each entry of ``paths`` may be:
 
 - a folder: every image below it, recursively (hidden files and folders, e.g. macOS ``._x.png`` stubs, are
   ignored). The listing is cached (see below);
+- an LMDB folder in BasicSR's layout (``data.mdb`` + ``meta_info.txt``, see :mod:`dlas.data.lmdb_store`): its
+  images, named ``FOLDER/NAME``;
 - an image file;
 - a ``.txt`` file listing image paths, one per line (relative paths are relative to the list's folder; blank
   lines and ``#`` comments are skipped);
@@ -26,7 +28,10 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from dlas.data.image_file import IMAGE_EXTENSIONS, is_image_file
+import numpy as np
+
+from dlas.data.image_file import IMAGE_EXTENSIONS, decode_image, is_image_file
+from dlas.data.lmdb_store import LmdbStore, is_lmdb_folder
 from dlas.errors import ConfigError, did_you_mean
 
 SKIMAGE_PREFIX = "skimage:"
@@ -73,18 +78,42 @@ def skimage_images(name: str, key: str = "paths") -> list[str]:
     return files
 
 
-def resolve_image_paths(paths: list[str], key: str = "paths", cache_index: bool = True) -> list[str]:
-    """Expand ``paths`` (folders, image files, ``.txt`` lists, ``skimage:`` names) into image files.
+class ImageFiles(list):
+    """The image names ``paths`` resolved to (what items' ``path`` shows), and how to decode each one.
 
-    Each entry's files are sorted; entries keep their order. A missing path, or a folder or list without
-    images, is a :class:`ConfigError` naming ``key[i]`` (``key`` when ``paths`` is one string).
+    A plain list of names for every use of a list; :meth:`decode` reads a file by its path and an LMDB image
+    (``FOLDER.lmdb/NAME``) from its database.
+    """
+
+    def __init__(self, names: tuple[str, ...] | list[str] = ()):
+        super().__init__(names)
+        self.stores: list[LmdbStore] = []
+
+    def add_store(self, store: LmdbStore) -> None:
+        self.stores.append(store)
+        self.extend(store.names)
+
+    def decode(self, name: str) -> np.ndarray:
+        """Image ``name`` as :func:`~dlas.data.image_file.decode_image` decodes it (raises UnreadableImage)."""
+        for store in self.stores:
+            if name.startswith(store.prefix) and name in store:
+                return store.decode(name)
+        return decode_image(name)
+
+
+def resolve_image_paths(paths: list[str], key: str = "paths", cache_index: bool = True) -> ImageFiles:
+    """Expand ``paths`` (folders, LMDBs, image files, ``.txt`` lists, ``skimage:`` names) into image names.
+
+    Each entry's files are sorted (an LMDB's come in its ``meta_info.txt`` order); entries keep their order. A
+    missing path, or a folder or list without images, is a :class:`ConfigError` naming ``key[i]`` (``key`` when
+    ``paths`` is one string).
     """
     single = isinstance(paths, (str, os.PathLike))
     if single:
         paths = [paths]
     if not paths:
         raise ConfigError("no paths given; name at least one image folder", key)
-    files: list[str] = []
+    files = ImageFiles()
     for i, entry in enumerate(paths):
         entry_key = key if single else f"{key}[{i}]"
         entry = str(entry)
@@ -92,7 +121,9 @@ def resolve_image_paths(paths: list[str], key: str = "paths", cache_index: bool 
             files += skimage_images(entry[len(SKIMAGE_PREFIX):], entry_key)
             continue
         path = Path(entry).expanduser()
-        if path.is_dir():
+        if path.is_dir() and is_lmdb_folder(path):
+            files.add_store(LmdbStore(str(path), entry_key))
+        elif path.is_dir():
             found = list_folder(str(path), cache_index)
             if not found:
                 raise ConfigError(f"folder '{entry}' holds no images (looked for "

@@ -8,7 +8,7 @@ import numpy as np
 from dlas.data.base import BadImage, SeededDataset
 from dlas.data.degradations import DegradationPipeline
 from dlas.data.file_index import resolve_image_paths
-from dlas.data.image_file import UnreadableImage, decode_image, to_rgb_float
+from dlas.data.image_file import UnreadableImage, to_rgb_float
 from dlas.data.transforms import flip_rotate, random_crop, to_tensor
 from dlas.errors import ConfigError
 from dlas.registry import DATASETS
@@ -23,8 +23,9 @@ class ImageFolderDataset(SeededDataset):
     Items: ``hq`` (3 x target_size x target_size), ``lq`` (3 x target_size/scale x target_size/scale), float
     in [0, 1], and ``path`` (the HQ file).
 
-    paths: image folders (searched recursively), image files, ``.txt`` lists of files, or scikit-image
-        samples such as ``skimage:color`` (nine RGB photographs) and ``skimage:coffee`` (see docs/data.md).
+    paths: image folders (searched recursively), LMDB folders (BasicSR's layout), image files, ``.txt`` lists of
+        files, or scikit-image samples such as ``skimage:color`` (nine RGB photographs) and ``skimage:coffee``
+        (see docs/data.md).
     target_size: HQ crop side in pixels (default 128, ESRGAN's patch); must be divisible by ``scale``.
         Images smaller than this are skipped like unreadable ones.
     scale: the super-resolution factor; the LQ crop is ``target_size / scale`` (default 4).
@@ -66,7 +67,7 @@ class ImageFolderDataset(SeededDataset):
     def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         path = self.files[index]
         try:
-            image = decode_image(path)
+            image = self.files.decode(path)
         except UnreadableImage as exc:
             raise BadImage(path, str(exc)) from exc
         height, width = image.shape[:2]

@@ -7,8 +7,8 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 
 from dlas.data.base import BadImage, SeededDataset
-from dlas.data.file_index import resolve_image_paths
-from dlas.data.image_file import UnreadableImage, decode_image, to_rgb_float
+from dlas.data.file_index import ImageFiles, resolve_image_paths
+from dlas.data.image_file import UnreadableImage, to_rgb_float
 from dlas.data.transforms import flip_rotate, paired_random_crop, to_tensor
 from dlas.errors import ConfigError, DataError
 from dlas.registry import DATASETS
@@ -24,8 +24,8 @@ class PairedFolderDataset(SeededDataset):
     covers, with the same flip/rotation on both.
     Items: ``lq``, ``hq`` (float CHW in [0, 1]), ``path`` (the HQ file), ``lq_path``.
 
-    lq_path: LQ folder(s) or files (same forms as ``image_folder``'s ``paths``).
-    hq_path: HQ folder(s) or files.
+    lq_path: LQ folder(s), LMDB folder(s) or files (same forms as ``image_folder``'s ``paths``).
+    hq_path: HQ folder(s), LMDB folder(s) or files.
     scale: HQ size / LQ size (default 4).
     target_size: HQ crop side (default 128; a multiple of scale); ``null`` gives whole images (validation,
         batch size 1).
@@ -49,6 +49,7 @@ class PairedFolderDataset(SeededDataset):
         hq_files = resolve_image_paths(hq_path, "hq_path", cache_index)
         lq_files = resolve_image_paths(lq_path, "lq_path", cache_index)
         self.pairs = _match_pairs(lq_files, hq_files, lq_suffix)
+        self.lq_files, self.hq_files = lq_files, hq_files
         self.scale = scale
         self.target_size = target_size
         self.use_flip = use_flip
@@ -62,7 +63,7 @@ class PairedFolderDataset(SeededDataset):
 
     def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         lq_file, hq_file = self.pairs[index]
-        lq, hq = _read(lq_file), _read(hq_file)
+        lq, hq = _read(self.lq_files, lq_file), _read(self.hq_files, hq_file)
         if hq.shape[0] != lq.shape[0] * self.scale or hq.shape[1] != lq.shape[1] * self.scale:
             raise DataError(f"HQ is {hq.shape[1]}x{hq.shape[0]} but LQ '{lq_file}' is {lq.shape[1]}x{lq.shape[0]}; "
                             f"with scale {self.scale} HQ must be exactly {lq.shape[1] * self.scale}x"
@@ -77,9 +78,9 @@ class PairedFolderDataset(SeededDataset):
                 "lq_path": lq_file}
 
 
-def _read(path: str) -> np.ndarray:
+def _read(files: ImageFiles, path: str) -> np.ndarray:
     try:
-        return decode_image(path)  # converted to float after cropping
+        return files.decode(path)  # converted to float after cropping
     except UnreadableImage as exc:
         raise BadImage(path, str(exc)) from exc
 

@@ -8,7 +8,7 @@ import numpy as np
 from dlas.data.base import BadImage, SampleKey, SeededDataset, split_key
 from dlas.data.degradations import DegradationPipeline
 from dlas.data.file_index import resolve_image_paths
-from dlas.data.image_file import UnreadableImage, read_image
+from dlas.data.image_file import UnreadableImage, to_rgb_float
 from dlas.data.transforms import to_tensor
 from dlas.errors import ConfigError, DataError
 from dlas.registry import DATASETS
@@ -23,7 +23,8 @@ class SingleImageDataset(SeededDataset):
     made by ``degradations`` (default: antialiased bicubic). Items are the same in every epoch, so
     validation numbers are comparable between evaluations. Items: ``lq``, ``hq``, ``path``.
 
-    paths: image folders, files, ``.txt`` lists or scikit-image samples (``skimage:coffee``, ``skimage:color``).
+    paths: image folders, LMDB folders, files, ``.txt`` lists or scikit-image samples (``skimage:coffee``,
+        ``skimage:color``).
     scale: the super-resolution factor (default 4).
     force_multiple: ``true`` (default) crops HQ to a multiple of ``scale``; a number crops to a multiple of it
         (it must itself be a multiple of ``scale``); ``false`` requires every image to be a multiple already.
@@ -68,7 +69,7 @@ class SingleImageDataset(SeededDataset):
     def load(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         path = self.files[index]
         try:
-            hq = read_image(path)
+            hq = to_rgb_float(self.files.decode(path))
         except UnreadableImage as exc:
             raise BadImage(path, str(exc)) from exc
         height, width = hq.shape[:2]
