@@ -46,6 +46,7 @@ DATASETS = {
     "paired_folder": "dlas.data.paired_folder",
     "single_image": "dlas.data.single_image",
     "shapes": "dlas.data.shapes",
+    "token_shards": "dlas.data.tokens",
 }
 
 EVALUATORS = {
