@@ -4,9 +4,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
-requirements = [
-    line.strip() for line in (here / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")
-]
+requirements = [line.strip() for line in (here / "requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
 
 # Optional features, each imported only by the component that needs it; the test extra holds them all, so CI
 # exercises every one of them.

@@ -16,8 +16,14 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from dlas.cli.test import (Parser, add_inference_arguments, add_run_arguments, report_user_errors, task_flag_problems,
-                           task_options)
+from dlas.cli.test import (
+    Parser,
+    add_inference_arguments,
+    add_run_arguments,
+    report_user_errors,
+    task_flag_problems,
+    task_options,
+)
 from dlas.errors import ConfigError, DataError, UserError
 
 FOURCC_BY_SUFFIX = {".mp4": "mp4v", ".avi": "MJPG", ".mov": "mp4v", ".mkv": "mp4v"}

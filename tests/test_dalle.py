@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from dlas.config import resolve_config
 from dlas.context import Context
 from dlas.errors import ConfigError

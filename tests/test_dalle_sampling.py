@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from dlas.errors import ConfigError
 from dlas.models.transformer.attention import KVCache
 from dlas.models.transformer.dalle import DalleTransformer

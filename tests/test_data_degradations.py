@@ -1,6 +1,7 @@
 """Specification of the degradation chain (dlas.data.degradations): each step's measurable effect."""
 import numpy as np
 import pytest
+
 from dlas.data.degradations import Degradation, DegradationPipeline, gaussian_kernel, sinc_kernel
 from dlas.errors import ConfigError
 from dlas.registry import DEGRADATIONS
@@ -302,6 +303,7 @@ def test_real_esrgan_yaml_in_the_docs_is_the_preset():
     import pathlib
 
     import yaml
+
     from dlas.data.degradations import PRESETS
 
     doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()

@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
+from dlas.checkpoint import save_checkpoint, write_best
 from dlas.cli.test import main
 from dlas.inference import load_image, save_image, tensor_to_uint8
-from dlas.checkpoint import save_checkpoint, write_best
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,7 +124,8 @@ def test_several_temperatures_give_one_grid_per_input(tmp_path):
 
 def test_temperature_on_a_deterministic_network_is_an_error(run_and_inputs, capsys):
     run, _, tmp = run_and_inputs
-    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "o"), "--temperature", "0.9"]) == 2
+    argv = ["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "o"), "--temperature", "0.9"]
+    assert main(argv) == 2
     assert "sample" in capsys.readouterr().err
 
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.registry import INJECTORS
-from dlas.context import Context
 
 
 def build(**cfg):

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.registry import LOSSES
-from dlas.context import Context
 
 CTX = Context(networks={})
 # Errors of 0, 1, -2 and 3 (fake - real).

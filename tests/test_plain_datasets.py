@@ -8,6 +8,7 @@ from pathlib import Path
 import plain_datasets
 import pytest
 import torch
+
 from dlas import checkpoint as ckpt
 from dlas.config import load_config
 from dlas.data.collate import ItemCollator

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.losses.gan import discriminator_adversarial_loss, generator_adversarial_loss, gradient_penalty
 from dlas.registry import INJECTORS, LOSSES
-from dlas.context import Context
 
 GAN_TYPES = ["vanilla", "lsgan", "ragan", "hinge", "wgan"]
 
@@ -306,7 +306,8 @@ def test_perceptual_loads_torchvision_vgg19_weights(tmp_path):
              "features.2.weight": torch.randn(64, 64, 3, 3), "features.2.bias": torch.randn(64),
              "classifier.0.weight": torch.zeros(1)}
     torch.save(state, tmp_path / "vgg19-dcbb9e9d.pth")
-    loss = LOSSES.build({"type": "perceptual", "layer": "conv1_2", "weights_path": str(tmp_path / "vgg19-dcbb9e9d.pth")})
+    loss = LOSSES.build({"type": "perceptual", "layer": "conv1_2",
+                         "weights_path": str(tmp_path / "vgg19-dcbb9e9d.pth")})
     assert torch.equal(loss.vgg[2].weight, state["features.2.weight"])
 
 

@@ -17,7 +17,6 @@ from dlas.metrics import psnr
 from dlas.models.srflow.srflow import SRFlow
 from dlas.registry import EVALUATORS
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

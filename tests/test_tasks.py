@@ -4,12 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import eval_nets  # noqa: F401  (registers the toy networks)
 import numpy as np
 import pytest
 import torch
 import yaml
 
-import eval_nets  # noqa: F401  (registers the toy networks)
 from dlas.build import RunNetworks, autocast
 from dlas.checkpoint import save_checkpoint
 from dlas.cli.test import main

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+
 from dlas.data.tokenizer import (
     CaptionTokenizer,
     byte_tokenizer,

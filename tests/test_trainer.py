@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import trainer_components  # registers test_conv, test_critic, test_random_pairs
+
 from dlas.config import resolve_config
 from dlas.errors import ConfigError
 from dlas.trainer.ema import EMA

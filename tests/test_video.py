@@ -5,7 +5,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from test_inference_cli import make_run
 
 REPO = Path(__file__).resolve().parents[1]

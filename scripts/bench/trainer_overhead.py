@@ -15,8 +15,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dlas.registry import NETWORKS
 from dlas.config import resolve_config
+from dlas.registry import NETWORKS
 from dlas.trainer.trainer import ExtensibleTrainer
 
 

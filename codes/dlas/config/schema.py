@@ -366,7 +366,8 @@ def _plain_hint(hint: Any) -> Any:
 
 
 def _describe(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a mapping",
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping",
              type(None): "null (an empty value)"}
     text = repr(value)
     return names.get(type(value), type(value).__name__) + (f" {text}" if len(text) <= 40 and value is not None else "")

@@ -207,5 +207,6 @@ class SRFlowEvaluator(Evaluator):
         """How the numbers were computed, written next to them."""
         crop = f"crop = {self.crop_border}" if self.crop_border else "whole image"
         lpips = f"; LPIPS {self.lpips_net}" if "lpips" in self.metrics else ""
-        return (f"NLL in bits/dim (C·H·W) with 1/quant dequantisation; PSNR {'Y (BT.601)' if self.y_channel else 'RGB'}, "
+        channel = "Y (BT.601)" if self.y_channel else "RGB"
+        return (f"NLL in bits/dim (C·H·W) with 1/quant dequantisation; PSNR {channel}, "
                 f"{crop}, uint8 samples; LR-PSNR: antialiased bicubic downscale vs LQ, RGB{lpips}")

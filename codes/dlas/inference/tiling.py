@@ -23,7 +23,9 @@ def _axis_weights(start: int, length: int, size: int, blank: int, ramp: int) -> 
     """Blend weights along one axis of one tile (output pixels): 1 inside, 0 then a cosine rise near an edge
     shared with a neighbour, untouched at the image border where no neighbour exists."""
     weights = torch.ones(length)
-    rise = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ramp, dtype=torch.float64) + 0.5) / ramp).float() if ramp else None
+    rise = None
+    if ramp:
+        rise = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(ramp, dtype=torch.float64) + 0.5) / ramp).float()
     if start > 0:
         weights[:blank] = 0
         if ramp:
@@ -62,7 +64,8 @@ def tiled_forward(net: Forward, lq: torch.Tensor, scale: int, tile: int, overlap
             if result.shape[-2:] != (h * scale, w * scale):
                 raise ValueError(f"network output {tuple(result.shape[-2:])} is not {scale}x its input {(h, w)}")
             if out is None:
-                out = torch.zeros(*result.shape[:2], height * scale, width * scale, dtype=torch.float32, device=lq.device)
+                out = torch.zeros(*result.shape[:2], height * scale, width * scale, dtype=torch.float32,
+                                  device=lq.device)
             wy = _axis_weights(y * scale, h * scale, height * scale, blank, ramp).to(lq.device)
             wx = _axis_weights(x * scale, w * scale, width * scale, blank, ramp).to(lq.device)
             weight = wy[:, None] * wx[None, :]
@@ -83,7 +86,8 @@ def infer_scale(net: Forward, lq: torch.Tensor, tile: Optional[int] = None) -> i
     return scale
 
 
-def run_network(net: Forward, lq: torch.Tensor, scale: int, tile: Optional[int] = None, overlap: int = 16) -> torch.Tensor:
+def run_network(net: Forward, lq: torch.Tensor, scale: int, tile: Optional[int] = None,
+                overlap: int = 16) -> torch.Tensor:
     """``net(lq)``, tiled when ``tile`` is set and the image is larger than one tile."""
     if tile:
         return tiled_forward(net, lq, scale, tile, overlap)

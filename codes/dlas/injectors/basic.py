@@ -12,10 +12,10 @@ from typing import Any, Literal, Mapping, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.injectors.base import Injector
 from dlas.registry import INJECTORS
-from dlas.context import Context
 
 KeySpec = Union[str, list[str], dict[str, str]]
 
@@ -218,7 +218,7 @@ class CropInjector(Injector):
             return {self.out: x[..., top:top + crop_h, left:left + crop_w]}
         tops = torch.randint(top_max + 1, (x.shape[0],)).tolist()
         lefts = torch.randint(left_max + 1, (x.shape[0],)).tolist()
-        crops = [x[i, ..., t:t + crop_h, l:l + crop_w] for i, (t, l) in enumerate(zip(tops, lefts))]
+        crops = [x[i, ..., top:top + crop_h, left:left + crop_w] for i, (top, left) in enumerate(zip(tops, lefts))]
         return {self.out: torch.stack(crops)}
 
 

@@ -5,10 +5,10 @@ from typing import Any, Mapping
 
 import torch
 
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.injectors.base import Injector
 from dlas.registry import INJECTORS
-from dlas.context import Context
 
 
 @INJECTORS.register("image_patch")

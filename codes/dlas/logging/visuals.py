@@ -22,7 +22,8 @@ def image_grid(images: torch.Tensor, max_images: int = 8, pad: int = 2) -> np.nd
     grid = torch.ones(c, rows * (h + pad) + pad, cols * (w + pad) + pad)
     for i in range(n):
         r, col = divmod(i, cols)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top:top + h, left:left + w] = images[i]
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 

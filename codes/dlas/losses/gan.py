@@ -2,13 +2,13 @@
 
 Formulas, with r = D(real), f = D(fake) (logits) and BCE with logits:
 
-| gan_type | generator loss                                        | discriminator loss                                 |
-| -------- | ----------------------------------------------------- | -------------------------------------------------- |
-| vanilla  | BCE(f, 1)                                             | BCE(r, 1) + BCE(f, 0)                              |
-| lsgan    | mean((f - 1)^2)                                       | mean((r - 1)^2) + mean(f^2)                        |
-| ragan    | [BCE(r' - mean f, 0) + BCE(f - mean r', 1)] / 2       | [BCE(r - mean f', 1) + BCE(f - mean r', 0)] / 2    |
-| hinge    | -mean(f)                                              | mean(relu(1 - r)) + mean(relu(1 + f))              |
-| wgan     | -mean(f)                                              | mean(f) - mean(r)                                  |
+| gan_type | generator loss                                       | discriminator loss                                 |
+| -------- | ---------------------------------------------------- | -------------------------------------------------- |
+| vanilla  | BCE(f, 1)                                            | BCE(r, 1) + BCE(f, 0)                              |
+| lsgan    | mean((f - 1)^2)                                      | mean((r - 1)^2) + mean(f^2)                        |
+| ragan    | [BCE(r' - mean f, 0) + BCE(f - mean r', 1)] / 2      | [BCE(r - mean f', 1) + BCE(f - mean r', 0)] / 2    |
+| hinge    | -mean(f)                                             | mean(relu(1 - r)) + mean(relu(1 + f))              |
+| wgan     | -mean(f)                                             | mean(f) - mean(r)                                  |
 
 (x' = x detached.) RaGAN follows BasicSR's ESRGAN model; the relativistic mean is taken over the batch (and
 over pixels for a per-pixel discriminator). With ``train.mega_batch_factor`` > 1 that batch is one micro-batch
@@ -22,10 +22,10 @@ from typing import Literal, Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.losses.base import Loss
 from dlas.registry import LOSSES
-from dlas.context import Context
 
 GanType = Literal["vanilla", "lsgan", "ragan", "hinge", "wgan"]
 GpType = Literal["r1", "wgan_gp"]

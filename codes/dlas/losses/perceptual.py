@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dlas.context import Context
 from dlas.errors import ConfigError, DataError, did_you_mean
 from dlas.losses.base import Loss
 from dlas.registry import LOSSES
-from dlas.context import Context
 from dlas.weights import extract_state_dict, pretrained_weights_file, read_weights_file
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"

@@ -5,10 +5,10 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.losses.base import Loss
 from dlas.registry import LOSSES
-from dlas.context import Context
 
 
 @LOSSES.register("pix")

@@ -6,10 +6,10 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
+from dlas.context import Context
 from dlas.errors import ConfigError
 from dlas.losses.base import Loss
 from dlas.registry import LOSSES
-from dlas.context import Context
 
 
 @LOSSES.register("translational")

@@ -74,7 +74,8 @@ def load_statistics(file: Union[str, Path]) -> tuple[np.ndarray, np.ndarray]:
         with np.load(file) as data:
             return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
     except (OSError, KeyError, ValueError) as exc:
-        raise DataError(f"not FID statistics (need arrays 'mu' and 'sigma'): {exc}; delete it to recompute", str(file)) from exc
+        raise DataError(f"not FID statistics (need arrays 'mu' and 'sigma'): {exc}; delete it to recompute",
+                        str(file)) from exc
 
 
 def reference_statistics(

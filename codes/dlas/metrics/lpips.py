@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from dlas.errors import DataError
-from dlas.weights import pretrained_weights_file
 from dlas.metrics.convention import as_hwc
+from dlas.weights import pretrained_weights_file
 
 # torchvision's ImageNet weights for each LPIPS backbone: file name in the hub cache and where to get it.
 BACKBONE_WEIGHTS = {
@@ -73,7 +73,8 @@ class LPIPSMetric:
         a, b = as_hwc(a, "a"), as_hwc(b, "b")
         if a.shape != b.shape:
             raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
-        to_tensor = lambda im: torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        to_tensor = lambda im: torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1)[
+            None]
         return float(self.distance_tensors(to_tensor(a), to_tensor(b))[0])
 
 

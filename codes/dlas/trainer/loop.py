@@ -62,7 +62,8 @@ class TrainLoop:
         # step -> {metric: value} (the same on every rank); None or empty: no validation
         self.validation = validation if validation else None
         self.dataset = dataset  # the train set, for its count of skipped bad images
-        self.last_saved = trainer.iteration if trainer.iteration > 0 else -1  # a restored trainer sits on its checkpoint
+        # a restored trainer sits on its checkpoint
+        self.last_saved = trainer.iteration if trainer.iteration > 0 else -1
         self.last_metrics: dict[str, float] = {}
         self.warned_missing_best = False
         self.dist = dist
