@@ -172,6 +172,9 @@ class Step:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
+            # injectors that learn as they go (a loss-aware timestep sampler) keep their state with the step's
+            "injectors": {item.name: item.injector.state_dict() for item in self.injectors
+                          if hasattr(item.injector, "state_dict")},
         }
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
@@ -180,3 +183,7 @@ class Step:
             self.scheduler.load_state_dict(sd["scheduler"])
         if self.scaler and sd.get("scaler") is not None:
             self.scaler.load_state_dict(sd["scaler"])
+        saved = sd.get("injectors") or {}
+        for item in self.injectors:
+            if item.name in saved and hasattr(item.injector, "load_state_dict"):
+                item.injector.load_state_dict(saved[item.name])
