@@ -14,6 +14,8 @@ NETWORKS = {
     "unet_discriminator": "dlas.models.sr.discriminators",
     # normalizing-flow SR
     "srflow": "dlas.models.srflow.srflow",
+    # diffusion
+    "diffusion_unet": "dlas.models.diffusion.unet",
     "dalle": "dlas.models.transformer.dalle",
 }
 
@@ -29,6 +31,7 @@ INJECTORS = {
     "scale": "dlas.injectors.basic",
     "index": "dlas.injectors.basic",
     "image_patch": "dlas.injectors.sr",
+    "gaussian_diffusion": "dlas.injectors.diffusion",
 }
 
 LOSSES = {
@@ -81,6 +84,7 @@ TASKS = {
     "upscale": "dlas.inference.tasks",
     "reconstruct": "dlas.inference.tasks",
     "sample": "dlas.inference.tasks",
+    "diffusion": "dlas.inference.diffusion",
 }
 
 SCHEDULERS = {
