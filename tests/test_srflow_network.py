@@ -141,6 +141,20 @@ def test_positive_temperature_samples_differ_and_are_reproducible_by_seed():
     assert not torch.allclose(a, c)
 
 
+def test_the_sample_task_draws_count_seeded_samples_of_one_lr_image():
+    from dlas.build import autocast
+    from dlas.inference.tasks import Request, build_task
+
+    hq, lq = _pair(batch=1)
+    net = _trained_looking(_tiny(), hq, lq)
+    cpu = torch.device("cpu")
+    task = build_task("sample", {"generator": net}, {}, cpu, autocast("fp32", cpu), {"temperature": 0.8})
+    assert task.needs == {"image"}
+    first = task(Request("x", image=lq[0], seed=3, count=2))
+    assert first.shape == (2, 3, 16, 16) and not torch.equal(first[0], first[1])
+    assert torch.equal(first, task(Request("x", image=lq[0], seed=3, count=2)))
+
+
 def test_sample_pads_lr_sizes_the_flow_cannot_take_and_crops_back():
     net = _trained_looking(_tiny(L=3), *_pair())
     sr = net.sample(torch.rand(1, 3, 5, 7), temperature=0.0)

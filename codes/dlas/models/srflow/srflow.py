@@ -327,6 +327,13 @@ class SRFlow(nn.Module):
         sr = self.reverse(padded, latents)
         return sr[:, :, :height, :width].clamp(0, 1)
 
+    @torch.no_grad()
+    def generate(self, count: int, generator: torch.Generator, image: torch.Tensor,
+                 temperature: float = 0.9) -> torch.Tensor:
+        """``count`` SR samples of the LR ``image`` (1 x C x H x W) at ``temperature``, drawn from ``generator``:
+        the ``sample`` inference task (``dlas-test --task sample --input lr/ --n 8 --seed 0``)."""
+        return torch.cat([self.sample(image, temperature, generator) for _ in range(count)])
+
     def forward(self, hq: Optional[torch.Tensor] = None, lq: Optional[torch.Tensor] = None,
                 temperature: float = 0.9) -> dict[str, torch.Tensor] | torch.Tensor:
         """``(hq, lq)``: the NLL dict for training. ``lq=`` alone: ``{"sample": ...}`` at ``temperature``.
