@@ -15,6 +15,9 @@ DATA = ["datasets.train.paths=['skimage:astronaut,coffee']", "datasets.train.bat
 PERCEPTUAL = ["steps.generator.losses.perceptual.weights_path=random"]
 TINY_RRDB = ["networks.generator.nf=8", "networks.generator.nb=1", "networks.generator.gc=4"]
 TINY_D = ["networks.discriminator.nf=8"]
+TINY_UNET = ["networks.generator.model_channels=8", "networks.generator.channel_mult=[1,2]",
+             "networks.generator.attention_at=[2]", "networks.generator.norm_groups=4",
+             "networks.generator.num_res_blocks=1", "eval.samples.options={steps: 2}", "eval.samples.max_items=1"]
 
 # Per recipe: overrides that make it tiny and switch its gated parts on within 3 steps.
 TINY = {
@@ -32,6 +35,7 @@ TINY = {
                       "networks.generator.encoder_blocks=[0]", "networks.generator.train_encoder_after=1",
                       "datasets.val={type: single_image, paths: ['skimage:chelsea'], scale: 4}",
                       "eval.srflow.center_crop=32", "eval.srflow.max_images=1"],
+    "diffusion_sr_x4.yml": DATA + TINY_UNET + ["datasets.train.target_size=32", "datasets.val.target_size=32"],
 }
 
 
