@@ -169,13 +169,13 @@ def test_make_lmdb_resumes_an_interrupted_database_without_rewriting_it(made_lmd
 
 
 # ------------------------------------------------------------------ training and resuming
-def training_config(name: str, root: Path, dataset: dict, niter: int, workers: int = 0) -> dict:
-    """A tiny run: ``test_conv`` (same-size in and out) learns ``hq`` from ``lq`` on ``dataset``, EMA on."""
+def training_config(name: str, root: Path, dataset: dict, niter: int, workers: int = 0, source: str = "lq") -> dict:
+    """A tiny run: ``test_conv`` (same-size in and out) learns ``hq`` from ``source`` on ``dataset``, EMA on."""
     return {"name": name, "seed": 5, "imports": ["trainer_components"],
             "datasets": {"train": {**dataset, "batch_size": 2, "num_workers": workers, "shuffle": True}},
             "networks": {"gen": {"type": "test_conv", "nf": 4}},
             "steps": {"gen": {"training": ["gen"], "optimizer": {"type": "adam", "lr": 1e-2},
-                              "injectors": {"g": {"type": "generator", "network": "gen", "in": "lq", "out": "fake"}},
+                              "injectors": {"g": {"type": "generator", "network": "gen", "in": source, "out": "fake"}},
                               "losses": {"pix": {"type": "pix", "criterion": "l1", "real": "hq", "fake": "fake"}}}},
             "train": {"niter": niter, "ema": {"rate": 0.9, "networks": ["gen"]}},
             "logger": {"print_freq": 1, "save_checkpoint_freq": 3, "tensorboard": False},
@@ -187,13 +187,13 @@ def final_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     return {f"{f.stem}/{k}": v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
 
-def assert_resumes_exactly(tmp: Path, dataset: dict, workers: int = 0) -> None:
+def assert_resumes_exactly(tmp: Path, dataset: dict, workers: int = 0, source: str = "lq") -> None:
     """Training to 3, then resuming to 6, gives the weights (raw and EMA) of training to 6 in one go."""
     runs = tmp / "experiments"
-    train(resolve_config(training_config("whole", runs, dataset, 6, workers)), runs / "whole")
-    train(resolve_config(training_config("split", runs, dataset, 3, workers)), runs / "split")
+    train(resolve_config(training_config("whole", runs, dataset, 6, workers, source)), runs / "whole")
+    train(resolve_config(training_config("split", runs, dataset, 3, workers, source)), runs / "split")
     assert [step for step, _ in ckpt.list_checkpoints(runs / "split")] == [3]
-    train(resolve_config(training_config("split", runs, dataset, 6, workers)), runs / "split")
+    train(resolve_config(training_config("split", runs, dataset, 6, workers, source)), runs / "split")
     whole, split = final_weights(runs / "whole", 6), final_weights(runs / "split", 6)
     assert whole.keys() == split.keys() and {"gen", "gen_ema"} <= {k.split("/")[0] for k in whole}
     differing = [key for key in whole if not torch.equal(whole[key], split[key])]

@@ -48,6 +48,7 @@ DATASETS = {
     "image_folder": "dlas.data.image_folder",
     "paired_folder": "dlas.data.paired_folder",
     "single_image": "dlas.data.single_image",
+    "tar_shards": "dlas.data.tar_shards",
     "shapes": "dlas.data.shapes",
     "token_shards": "dlas.data.tokens",
 }

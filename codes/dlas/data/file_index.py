@@ -190,12 +190,13 @@ def _walk(root: str) -> tuple[list[str], dict[str, int]]:
     return relative, folder_mtimes
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """Where index caches go: ``$DLAS_CACHE_DIR/index`` (default ``~/.cache/dlas/index``)."""
     return Path(os.environ.get("DLAS_CACHE_DIR") or Path.home() / ".cache" / "dlas") / "index"
 
 
 def _cache_file(root: str) -> Path:
-    return _cache_dir() / (hashlib.sha1(root.encode()).hexdigest()[:20] + ".json")
+    return cache_dir() / (hashlib.sha1(root.encode()).hexdigest()[:20] + ".json")
 
 
 def _load_cache(cache_file: Path, root: str) -> Optional[list[str]]:
