@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.distributed as torch_dist
 
+from dlas.build import select_device
+
 log = logging.getLogger("dlas")
 
 
@@ -78,8 +80,8 @@ def init_from_env(cfg: Mapping[str, Any]) -> Optional[Distributed]:
         return None
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = cfg.get("device", "auto") != "cpu" and torch.cuda.is_available()
-    timeout = datetime.timedelta(seconds=float(cfg.get("train", {}).get("dist_timeout", 600)))
+    use_cuda = select_device(cfg["device"]).type == "cuda"  # the run's device choice, made once in dlas.build
+    timeout = datetime.timedelta(seconds=float(cfg["train"]["dist_timeout"]))
     if use_cuda:
         torch.cuda.set_device(local_rank)
     torch_dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
