@@ -192,6 +192,7 @@ class TrainSection:
     max_bad_steps: int = _min(0, 10)
     allow_tf32: bool = False
     dist_timeout: float = 600.0  # seconds a rank waits for the others before the job fails (DDP)
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate trained networks, or shard them
 
 
 @dataclass
