@@ -32,6 +32,7 @@ INJECTORS = {
     "index": "dlas.injectors.basic",
     "image_patch": "dlas.injectors.sr",
     "gaussian_diffusion": "dlas.injectors.diffusion",
+    "flow_warp": "dlas.injectors.warp",
 }
 
 LOSSES = {
