@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dlas.errors import ConfigError
+from dlas.models.ops.norm import NormKind, check_norm_channels, norm_layer
 from dlas.registry import NETWORKS
 
 
@@ -30,21 +31,28 @@ class CompactSR(nn.Module):
         upsample: how the input is upsampled for the global residual: ``nearest`` (Real-ESRGAN's choice) or
             ``bilinear``/``bicubic`` (smoother, so the network only has to learn the detail). The last conv starts
             at zero, so the untrained network *is* this upsampler; with ``bicubic`` it starts at bicubic PSNR.
+        norm: ``none`` (Real-ESRGAN) or ``batch``, ``group`` (8 groups; nf a multiple of 8), ``instance``: a
+            normalization layer between every conv but the last and its PReLU (the convs lose their biases, and
+            the layers' indices in ``body`` shift, so Real-ESRGAN's files load only with ``none``).
     """
 
     def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 32, num_conv: int = 8, scale: int = 4,
-                 upsample: Literal["nearest", "bilinear", "bicubic"] = "nearest"):
+                 upsample: Literal["nearest", "bilinear", "bicubic"] = "nearest", norm: NormKind = "none"):
         super().__init__()
         if not 1 <= scale <= 8:
             raise ConfigError(f"compact_sr supports scale 1 to 8, got {scale}", "scale")
         if out_nc != in_nc:
             raise ConfigError(f"compact_sr adds the upsampled input to its output, so out_nc ({out_nc}) must "
                               f"equal in_nc ({in_nc})", "out_nc")
+        check_norm_channels(norm, {"nf": nf})
         self.scale = scale
         self.upsample = upsample
-        layers: list[nn.Module] = [nn.Conv2d(in_nc, nf, 3, 1, 1), nn.PReLU(nf)]
-        for _ in range(num_conv):
-            layers += [nn.Conv2d(nf, nf, 3, 1, 1), nn.PReLU(nf)]
+        layers: list[nn.Module] = []
+        for i in range(num_conv + 1):
+            layers.append(nn.Conv2d(in_nc if i == 0 else nf, nf, 3, 1, 1, bias=norm == "none"))
+            if norm != "none":  # no Identity placeholders: they would shift Real-ESRGAN's body.N indices
+                layers.append(norm_layer(norm, nf))
+            layers.append(nn.PReLU(nf))
         last = nn.Conv2d(nf, out_nc * scale * scale, 3, 1, 1)
         # Zero-init so the untrained network is exactly the plain upsampler: training starts at interpolation
         # quality instead of below it, and every step that lowers the loss improves on it.

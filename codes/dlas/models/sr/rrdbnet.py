@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dlas.errors import ConfigError
+from dlas.models.ops.norm import (
+    NormKind,
+    check_fixup,
+    check_norm_channels,
+    fixup_init,
+    norm_layer,
+)
 from dlas.registry import NETWORKS
 
 # BasicSR initialises the dense-block convs with kaiming-normal scaled down so that each residual branch starts
@@ -28,38 +36,63 @@ def scaled_kaiming_init(modules: list[nn.Module], scale: float) -> None:
 
 
 class ResidualDenseBlock(nn.Module):
-    """Five densely connected 3x3 convs (each sees all earlier outputs); the result is scaled by 0.2 and added."""
+    """Five densely connected 3x3 convs (each sees all earlier outputs); the result is scaled by 0.2 and added.
 
-    def __init__(self, nf: int = 64, gc: int = 32):
+    ``norm`` puts a normalization layer after each conv (whose bias it makes redundant, so the convs lose theirs).
+    ``fixup_branches`` (the network's count of dense blocks) Fixup-initialises the block instead of BasicSR's
+    init: conv5 starts at zero, so the block starts as the identity, and a learned multiplier scales the branch.
+    """
+
+    def __init__(self, nf: int = 64, gc: int = 32, norm: NormKind = "none", fixup_branches: int | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(nf, gc, 3, 1, 1)
-        self.conv2 = nn.Conv2d(nf + gc, gc, 3, 1, 1)
-        self.conv3 = nn.Conv2d(nf + 2 * gc, gc, 3, 1, 1)
-        self.conv4 = nn.Conv2d(nf + 3 * gc, gc, 3, 1, 1)
-        self.conv5 = nn.Conv2d(nf + 4 * gc, nf, 3, 1, 1)
+        bias = norm == "none"
+        self.conv1 = nn.Conv2d(nf, gc, 3, 1, 1, bias=bias)
+        self.conv2 = nn.Conv2d(nf + gc, gc, 3, 1, 1, bias=bias)
+        self.conv3 = nn.Conv2d(nf + 2 * gc, gc, 3, 1, 1, bias=bias)
+        self.conv4 = nn.Conv2d(nf + 3 * gc, gc, 3, 1, 1, bias=bias)
+        self.conv5 = nn.Conv2d(nf + 4 * gc, nf, 3, 1, 1, bias=bias)
+        # Identity layers for norm: none add no parameters or state-dict keys, so published weights still load.
+        self.norm1, self.norm2, self.norm3, self.norm4 = (norm_layer(norm, gc) for _ in range(4))
+        self.norm5 = norm_layer(norm, nf)
         self.lrelu = nn.LeakyReLU(0.2, inplace=True)
-        scaled_kaiming_init([self], RESIDUAL_INIT_SCALE)
+        self.branch_scale = None
+        if fixup_branches is None:
+            scaled_kaiming_init([self], RESIDUAL_INIT_SCALE)
+        else:
+            fixup_init([self.conv1, self.conv2, self.conv3, self.conv4, self.conv5], fixup_branches)
+            self.branch_scale = nn.Parameter(torch.ones(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.lrelu(self.conv1(x))
-        x2 = self.lrelu(self.conv2(torch.cat((x, x1), 1)))
-        x3 = self.lrelu(self.conv3(torch.cat((x, x1, x2), 1)))
-        x4 = self.lrelu(self.conv4(torch.cat((x, x1, x2, x3), 1)))
-        x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))
+        x1 = self.lrelu(self.norm1(self.conv1(x)))
+        x2 = self.lrelu(self.norm2(self.conv2(torch.cat((x, x1), 1))))
+        x3 = self.lrelu(self.norm3(self.conv3(torch.cat((x, x1, x2), 1))))
+        x4 = self.lrelu(self.norm4(self.conv4(torch.cat((x, x1, x2, x3), 1))))
+        x5 = self.norm5(self.conv5(torch.cat((x, x1, x2, x3, x4), 1)))
+        if self.branch_scale is not None:
+            x5 = x5 * self.branch_scale
         return x5 * 0.2 + x
 
 
 class RRDB(nn.Module):
-    """Residual-in-residual dense block: three dense blocks in sequence, scaled by 0.2 and added to the input."""
+    """Residual-in-residual dense block: three dense blocks in sequence, scaled by 0.2 and added to the input.
 
-    def __init__(self, nf: int = 64, gc: int = 32):
+    With ``fixup_branches`` its dense blocks are Fixup-initialised identities, so ``0.2 * rdb3(rdb2(rdb1(x)))``
+    would start at ``0.2 * x`` and 23 blocks would multiply the trunk by 1.2**23 = 66; a learned multiplier on
+    that branch, starting at zero, makes the block the identity (as ReZero does).
+    """
+
+    def __init__(self, nf: int = 64, gc: int = 32, norm: NormKind = "none", fixup_branches: int | None = None):
         super().__init__()
-        self.rdb1 = ResidualDenseBlock(nf, gc)
-        self.rdb2 = ResidualDenseBlock(nf, gc)
-        self.rdb3 = ResidualDenseBlock(nf, gc)
+        self.rdb1 = ResidualDenseBlock(nf, gc, norm, fixup_branches)
+        self.rdb2 = ResidualDenseBlock(nf, gc, norm, fixup_branches)
+        self.rdb3 = ResidualDenseBlock(nf, gc, norm, fixup_branches)
+        self.branch_scale = None if fixup_branches is None else nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+        out = self.rdb3(self.rdb2(self.rdb1(x)))
+        if self.branch_scale is not None:
+            out = out * self.branch_scale
+        return out * 0.2 + x
 
 
 @NETWORKS.register("rrdbnet")
@@ -79,22 +112,34 @@ class RRDBNet(nn.Module):
         scale: 1, 2, 4 or 8. For 1 and 2 the input is pixel-unshuffled (x4 / x2) first, as in Real-ESRGAN, so the
             trunk always runs at 1/4 of the output size and ``conv_first`` takes in_nc*16 or in_nc*4 channels;
             8 adds a third upsampling conv ``conv_up3``.
+        norm: ``none`` (ESRGAN: its authors removed BatchNorm for its artifacts), ``batch``, ``group`` (8 groups;
+            nf and gc multiples of 8) or ``instance``: a normalization layer after each dense-block conv, whose
+            bias it replaces. Other than ``none``, published weights do not load.
+        init: ``default`` (BasicSR: kaiming-normal x0.1 in the dense blocks) or ``fixup`` (Fixup, Zhang et al.
+            2019, for training without normalization: every dense block's last conv starts at zero and its other
+            convs at kaiming x (3*nb)^(-1/8); each dense block and each RRDB learns a branch multiplier, the RRDB's
+            starting at zero, so the whole trunk starts as the identity). Needs norm: none. Adds 4 parameters
+            per RRDB (``body.N.branch_scale``, ``body.N.rdbK.branch_scale``).
 
     The output is not clamped. Supports activation checkpointing per RRDB block (``checkpointing: true``).
     """
 
-    def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 23, gc: int = 32, scale: int = 4):
+    def __init__(self, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 23, gc: int = 32, scale: int = 4,
+                 norm: NormKind = "none", init: Literal["default", "fixup"] = "default"):
         super().__init__()
         if scale not in (1, 2, 4, 8):
             raise ConfigError(f"rrdbnet supports scale 1, 2, 4 or 8, got {scale}", "scale")
         for name, value in (("in_nc", in_nc), ("out_nc", out_nc), ("nf", nf), ("nb", nb), ("gc", gc)):
             if value < 1:
                 raise ConfigError(f"rrdbnet {name} must be a positive integer, got {value}", name)
+        check_norm_channels(norm, {"nf": nf, "gc": gc})
+        check_fixup(init, norm)
         self.scale = scale
         # Scales below 4 fold pixels into channels so the same x4 upsampling tail serves every scale.
         self.unshuffle = {1: 4, 2: 2}.get(scale, 1)
         self.conv_first = nn.Conv2d(in_nc * self.unshuffle**2, nf, 3, 1, 1)
-        self.body = nn.Sequential(*[RRDB(nf, gc) for _ in range(nb)])
+        fixup_branches = 3 * nb if init == "fixup" else None
+        self.body = nn.Sequential(*[RRDB(nf, gc, norm, fixup_branches) for _ in range(nb)])
         self.conv_body = nn.Conv2d(nf, nf, 3, 1, 1)
         self.conv_up1 = nn.Conv2d(nf, nf, 3, 1, 1)
         self.conv_up2 = nn.Conv2d(nf, nf, 3, 1, 1)
@@ -173,7 +218,7 @@ class RRDBNet(nn.Module):
         """
         if any(k.startswith("model.1.sub.") for k in sd):
             return _convert_old_layout(sd)
-        if any(k.startswith("RRDB_trunk.") or k.startswith("trunk_conv.") for k in sd):
+        if any(k.startswith(("RRDB_trunk.", "trunk_conv.")) for k in sd):
             return {_convert_esrgan_key(k): v for k, v in sd.items()}
         return dict(sd)
 
