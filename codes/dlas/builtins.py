@@ -14,6 +14,8 @@ NETWORKS = {
     "unet_discriminator": "dlas.models.sr.discriminators",
     # normalizing-flow SR
     "srflow": "dlas.models.srflow.srflow",
+    # discrete VAE (triforce)
+    "dvae": "dlas.models.vqvae.dvae",
     # diffusion
     "diffusion_unet": "dlas.models.diffusion.unet",
     "dalle": "dlas.models.transformer.dalle",
@@ -51,6 +53,7 @@ DATASETS = {
     "single_image": "dlas.data.single_image",
     "tar_shards": "dlas.data.tar_shards",
     "shapes": "dlas.data.shapes",
+    "text_image": "dlas.data.text_image",
     "token_shards": "dlas.data.tokens",
 }
 

@@ -1,0 +1,1 @@
+"""Discrete autoencoders: the triforce's ``dvae`` (Gumbel-softmax or EMA vector quantization)."""
