@@ -278,7 +278,8 @@ def classify_image(image: torch.Tensor | np.ndarray) -> dict[str, str]:
     rows, cols = np.nonzero(core)
     margin = 3 + math.ceil(3 * max(_TEMPLATE_BLURS))
     window = np.zeros_like(coverage, dtype=bool)
-    window[max(0, rows.min() - margin):rows.max() + margin + 1, max(0, cols.min() - margin):cols.max() + margin + 1] = True
+    top, left = max(0, rows.min() - margin), max(0, cols.min() - margin)
+    window[top:rows.max() + margin + 1, left:cols.max() + margin + 1] = True
     coverage = np.where(window, np.clip(coverage, -1, 2), 0.0)
     area = float(coverage.sum()) / (width * height)  # in image-side fractions squared
     xs = (np.arange(width) + 0.5) / width

@@ -25,7 +25,8 @@ Format (version 1), one folder::
      "shards": [{"tokens": "shard_00000.safetensors", "captions": "shard_00000.jsonl", "count": 4096}, ...],
      "dvae": {"run": "experiments/NAME", "network": "dvae", "step": 4000, "weights": "dvae_ema.safetensors",
               "type": "dvae", "downsample": 4, "image_size": [32, 32]},
-     "source": {...}}                      what was encoded: the dataset config, its seed, epochs, key
+     "source": {...},                      what was encoded: the dataset config, its seed, epochs, key
+     "stats": {"codes_used": 250, "codebook_usage": 0.98, "perplexity": 201.3}}   added when complete
 
 Items ``i`` of shard ``s`` are global items ``s * shard_size + i``: shards are written in item order, so an
 interrupted extraction resumes at the first item of the first unfinished shard. Each shard's two files are
@@ -149,6 +150,14 @@ class TokenShardWriter:
         self.manifest["complete"] = True
         self._write_manifest()
 
+    def annotate(self, **fields: Any) -> None:
+        """Add informational fields to the manifest (``stats``, ...; never the fixed ones) and rewrite it."""
+        clash = sorted(set(fields) & {*self.FIXED, "format", "version", "complete", "count", "shards"})
+        if clash:
+            raise ValueError(f"annotate cannot change {', '.join(clash)}")
+        self.manifest.update(fields)
+        self._write_manifest()
+
     def _flush(self, count: int) -> None:
         from safetensors.torch import save_file
 
@@ -218,6 +227,14 @@ class TokenShards(torch.utils.data.Dataset):
         while len(self._cache) > self.cache_shards:
             self._cache.popitem(last=False)
         return tokens, records
+
+    def code_histogram(self) -> torch.Tensor:
+        """How often each code occurs over all items: int64 [codebook_size] (reads every shard once)."""
+        counts = torch.zeros(self.codebook_size, dtype=torch.int64)
+        for index in range(len(self.shards)):
+            tokens, _ = self._shard(index)
+            counts += torch.bincount(tokens.flatten().long(), minlength=self.codebook_size)
+        return counts
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not -self.count <= index < self.count:
