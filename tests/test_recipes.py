@@ -18,6 +18,10 @@ TINY_D = ["networks.discriminator.nf=8"]
 TINY_UNET = ["networks.generator.model_channels=8", "networks.generator.channel_mult=[1,2]",
              "networks.generator.attention_at=[2]", "networks.generator.norm_groups=4",
              "networks.generator.num_res_blocks=1", "eval.samples.options={steps: 2}", "eval.samples.max_items=1"]
+TINY_DVAE = ["networks.dvae.width=8", "networks.dvae.codebook_size=16", "networks.dvae.codebook_dim=8",
+             "datasets.train.batch_size=2", "datasets.train.num_workers=0"]
+PHOTOS = ["datasets.train.paths=['skimage:astronaut,coffee']", "datasets.train.target_size=32",
+          "datasets.val.paths=[skimage:chelsea]", "datasets.val.target_size=32", "eval.reconstruction.max_images=1"]
 
 # Per recipe: overrides that make it tiny and switch its gated parts on within 3 steps.
 TINY = {
@@ -36,6 +40,8 @@ TINY = {
                       "datasets.val={type: single_image, paths: ['skimage:chelsea'], scale: 4}",
                       "eval.srflow.center_crop=32", "eval.srflow.max_images=1"],
     "diffusion_sr_x4.yml": DATA + TINY_UNET + ["datasets.train.target_size=32", "datasets.val.target_size=32"],
+    "triforce_dvae_shapes.yml": TINY_DVAE + ["datasets.val.count=2"],
+    "triforce_dvae_photos256.yml": TINY_DVAE + PHOTOS,
 }
 
 
