@@ -58,6 +58,18 @@ def storable(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def png_parameters(compression: int) -> list[int]:
+    """OpenCV's PNG options: the zlib level and, where OpenCV has the option, the 'sub' row filter only.
+
+    With a level given, OpenCV 5 tries every PNG filter per row (Paeth too), which decodes about 30% slower than
+    'sub' alone for a few percent smaller files; training decodes each image many times.
+    """
+    parameters = [cv2.IMWRITE_PNG_COMPRESSION, compression]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        parameters += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_SUB]
+    return parameters
+
+
 def pixel_checksum(array: np.ndarray) -> int:
     return zlib.crc32(array.tobytes()) ^ zlib.crc32(repr((array.shape, array.dtype.str)).encode())
 
@@ -71,7 +83,7 @@ def encode(job: tuple[str, str, int]) -> tuple[str, bytes | None, int, str]:
         return key, None, 0, f"{path}: {exc}"
     bgr = array if array.shape[2] == 1 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR if array.shape[2] == 3
                                                           else cv2.COLOR_RGBA2BGRA)
-    ok, png = cv2.imencode(".png", bgr, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    ok, png = cv2.imencode(".png", bgr, png_parameters(compression))
     if not ok:
         return key, None, 0, f"{path}: OpenCV could not encode it as PNG"
     return key, png.tobytes(), pixel_checksum(array), ""

@@ -98,6 +98,13 @@ def test_a_key_in_meta_info_missing_from_the_database_is_an_error_naming_both(tm
     assert str(folder) in message and "1 of 3" in message
 
 
+def test_a_malformed_meta_info_line_is_a_config_error_naming_the_line(tmp_path):
+    folder = write_basicsr_lmdb(tmp_path / "hr.lmdb", random_images(tmp_path / "src", count=1),
+                                meta_extra=("0002.png 480x480x3 1\n",))
+    with pytest.raises(ConfigError, match=r"meta_info.txt line 2: expected 'NAME \(H,W,C\) LEVEL'"):
+        DATASETS.build({"type": "image_folder", "paths": [str(folder)]}, "train")
+
+
 def test_an_lmdb_without_meta_info_is_refused_as_unfinished(tmp_path):
     folder = write_basicsr_lmdb(tmp_path / "hr.lmdb", random_images(tmp_path / "src", count=1))
     (folder / "meta_info.txt").unlink()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,8 @@ INSTALL_HINT = 'pip install -e ".[lmdb]"'
 # loader worker inherits the parent's and must open its own, so each is kept with the id of the process it is for.
 _READERS: dict[str, tuple[int, Any]] = {}
 
-# "NAME (H,W,C) LEVEL"; BasicSR writes all three, the shape and level are optional here.
-_META_LINE = re.compile(r"^(?P<name>\S+)(?:\s+\((?P<shape>\d+(?:\s*,\s*\d+){1,2})\))?(?:\s+(?P<level>-?\d+))?\s*$")
+# The shape of "(H,W,C)" in a meta_info line (BasicSR writes "NAME (H,W,C) LEVEL"; shape and level may be absent).
+_SHAPE = re.compile(r"^\(\d+(,\d+){1,2}\)$")
 
 
 def import_lmdb(option: str = "paths") -> Any:
@@ -57,19 +57,6 @@ def is_lmdb_folder(path: Path) -> bool:
     return path.suffix.lower() == ".lmdb" or (path.is_dir() and (path / DATA_FILE).is_file())
 
 
-@dataclass(frozen=True)
-class MetaEntry:
-    """One line of ``meta_info.txt``."""
-
-    name: str  # the image name with its extension, e.g. 0001_s001.png
-    shape: tuple[int, ...] | None  # (H, W, C) as listed
-    compression: int | None  # the PNG compression level it was written with
-
-    @property
-    def key(self) -> bytes:
-        return key_of(self.name)
-
-
 def key_of(name: str) -> bytes:
     """The database key of image ``name``: the name without its extension, ASCII (BasicSR's keys)."""
     return os.path.splitext(name)[0].encode("ascii")
@@ -80,27 +67,26 @@ def meta_line(name: str, shape: tuple[int, int, int], compression: int) -> str:
     return f"{name} ({shape[0]},{shape[1]},{shape[2]}) {compression}"
 
 
-def read_meta_info(folder: Path, option: str = "paths") -> list[MetaEntry]:
-    """The entries of ``FOLDER/meta_info.txt``; a missing file or a malformed line is a ConfigError."""
+def read_meta_info(folder: Path, option: str = "paths") -> list[str]:
+    """The image names ``FOLDER/meta_info.txt`` lists; a missing file or a malformed line is a ConfigError."""
     file = folder / META_FILE
     if not file.is_file():
         raise ConfigError(f"LMDB '{folder}' has no {META_FILE} (the list of its images, one 'NAME (H,W,C) "
                           f"LEVEL' line each); an interrupted scripts/make_lmdb.py writes it last: run it again",
                           option)
-    entries: list[MetaEntry] = []
+    names: list[str] = []
     for number, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
+        parts = line.split()
+        if not parts:
             continue
-        match = _META_LINE.match(line.strip())
-        if match is None or not match["name"].isascii():
+        if (not parts[0].isascii() or len(parts) > 3 or (len(parts) > 1 and not _SHAPE.match(parts[1]))
+                or (len(parts) == 3 and not parts[2].lstrip("-").isdigit())):
             raise ConfigError(f"{file} line {number}: expected 'NAME (H,W,C) LEVEL' with an ASCII name, "
                               f"got {line.strip()!r}", option)
-        shape = tuple(int(s) for s in match["shape"].split(",")) if match["shape"] else None
-        level = int(match["level"]) if match["level"] is not None else None
-        entries.append(MetaEntry(match["name"], shape, level))
-    if not entries:
+        names.append(parts[0])
+    if not names:
         raise ConfigError(f"LMDB '{folder}' lists no images in {META_FILE}", option)
-    return entries
+    return names
 
 
 def open_environment(folder: str, option: str = "paths", write: bool = False, map_size: int = 2**40) -> Any:
@@ -145,17 +131,17 @@ class LmdbStore:
                               f"folder that holds data.mdb and meta_info.txt", option)
         self.folder = str(path)
         self.prefix = self.folder.rstrip("/") + "/"
-        entries = read_meta_info(path, option)
-        self._keys: dict[str, bytes] = {}
-        for entry in entries:
-            if self.prefix + entry.name in self._keys:
-                raise ConfigError(f"{path / META_FILE} lists '{entry.name}' twice", option)
-            self._keys[self.prefix + entry.name] = entry.key
+        listed = read_meta_info(path, option)
+        self._keys: dict[str, bytes] = {self.prefix + name: key_of(name) for name in listed}
+        if len(self._keys) < len(listed):
+            counts = Counter(listed)
+            twice = next(name for name in listed if counts[name] > 1)
+            raise ConfigError(f"{path / META_FILE} lists '{twice}' twice", option)
         present = database_keys(reader(self.folder, option))
-        missing = [entry for entry in entries if entry.key not in present]
+        missing = [name for name in listed if key_of(name) not in present]
         if missing:
-            raise DataError(f"{META_FILE} lists '{missing[0].name}' but {DATA_FILE} has no key "
-                            f"'{missing[0].key.decode()}' ({len(missing)} of {len(entries)} listed images are "
+            raise DataError(f"{META_FILE} lists '{missing[0]}' but {DATA_FILE} has no key "
+                            f"'{key_of(missing[0]).decode()}' ({len(missing)} of {len(listed)} listed images are "
                             f"missing); rebuild it with scripts/make_lmdb.py (it resumes)", self.folder)
 
     @property
