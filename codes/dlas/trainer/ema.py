@@ -9,7 +9,7 @@ t≈890 and 0.999 at t≈9000. ``start: S`` copies the weights at step S and onl
 from __future__ import annotations
 
 import copy
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -70,12 +70,23 @@ class EMA:
         return {self.file_stem(rate, name): shadow.state_dict()
                 for rate, shadows in self.shadows.items() for name, shadow in shadows.items()}
 
-    def load_state_dicts(self, stems: Mapping[str, Mapping[str, torch.Tensor]], updates: int) -> None:
+    def load_state_dicts(self, stems: Mapping[str, Mapping[str, torch.Tensor]], updates: int,
+                         load: Optional[Callable[[str, torch.nn.Module, Mapping[str, torch.Tensor]], None]] = None
+                         ) -> None:
+        """Restore the shadows from checkpoint files (``stems``: file stem -> state dict). A shadow the files do
+        not have (a new rate or network since the checkpoint) starts from the live weights. ``load(name, module,
+        state_dict)`` loads into a shadow (the trainer's, which knows sharded networks)."""
         for rate, shadows in self.shadows.items():
             for name, shadow in shadows.items():
                 sd = stems.get(self.file_stem(rate, name))
-                if sd is None:  # a new rate or network since the checkpoint: start from the live weights
-                    shadow.load_state_dict(self.sources[name].state_dict())
+                if sd is None:
+                    with torch.no_grad():
+                        for dst, src in zip(shadow.parameters(), self.sources[name].parameters()):
+                            dst.copy_(src)
+                        for dst, src in zip(shadow.buffers(), self.sources[name].buffers()):
+                            dst.copy_(src)
+                elif load is not None:
+                    load(name, shadow, sd)
                 else:
                     shadow.load_state_dict(sd)
         self.updates = updates

@@ -17,6 +17,7 @@ from dlas.errors import ConfigError
 from dlas.injectors.base import Injector
 from dlas.losses.base import Loss
 from dlas.registry import INJECTORS, LOSSES, OPTIMIZERS, SCHEDULERS
+from dlas.trainer import fsdp
 from dlas.trainer.schedules import Gate, build_weight
 
 
@@ -145,7 +146,7 @@ class Step:
             return {"total": torch.zeros(())}, bool(losses_finite)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norms = {net: total_norm(g) for net, g in grads.items()}
+        norms = {net: fsdp.full(total_norm(g)) for net, g in grads.items()}  # FSDP: reduced over the shards
         norms["total"] = torch.linalg.vector_norm(torch.stack(list(norms.values())))
         if self.grad_clip:  # as clip_grad_norm_, reusing the norms already computed
             coef = (self.grad_clip / (norms["total"] + 1e-6)).clamp(max=1.0)

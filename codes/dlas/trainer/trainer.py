@@ -18,6 +18,7 @@ import torch
 from dlas.build import autocast, build_network
 from dlas.context import Context
 from dlas.errors import ConfigError, Problem, UserError, did_you_mean
+from dlas.trainer import fsdp
 from dlas.trainer.ema import EMA
 from dlas.trainer.schedules import Gate
 from dlas.trainer.steps import Step
@@ -31,11 +32,7 @@ def enable_checkpointing(net: torch.nn.Module, name: str) -> int:
     Networks without the protocol get their largest ``ModuleList``/``Sequential``'s children checkpointed. The
     patch is per instance, so nothing global changes and other instances of the class are unaffected.
     """
-    if hasattr(net, "checkpoint_modules"):
-        modules = list(net.checkpoint_modules())
-    else:
-        containers = [m for m in net.modules() if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential))]
-        modules = list(max(containers, key=len)) if containers else []
+    modules = fsdp.block_modules(net)
     if not modules:
         raise ConfigError("network has no blocks to checkpoint (give it a checkpoint_modules() method)",
                           f"networks.{name}.checkpointing")
@@ -76,6 +73,7 @@ class ExtensibleTrainer:
         self.precision = cfg["precision"]
         self.autocast = autocast(self.precision, device)
         self.mega_batch_factor = train["mega_batch_factor"]
+        self.strategy = train["distributed"] if dist is not None else None  # ddp | fsdp under torchrun
         self.iteration = 0  # completed iterations
         self.bad_steps = 0  # consecutive skipped updates (NaN/Inf guard)
         self.bad_total = 0
@@ -104,22 +102,26 @@ class ExtensibleTrainer:
             names = [n for n in dict.fromkeys(names) if cfg["networks"][n]["ema"]]
             self.ema = EMA({n: self.networks[n] for n in names}, rates, ema_cfg["warmup"], ema_cfg["start"])
 
-        # Checkpointing and compilation change how a network runs, not its weights: apply them after the EMA
-        # copies are made so that the shadows stay plain modules.
-        self.runners: dict[str, torch.nn.Module] = {}
-        for name, net in self.networks.items():
-            ncfg = cfg["networks"][name]
-            if ncfg["checkpointing"]:
-                enable_checkpointing(net, name)
-            self.runners[name] = torch.compile(net) if ncfg["compile"] else net
         # in config order, never set order: every rank must wrap (and broadcast) the networks in the same order
         trained = list(dict.fromkeys(n for step in self.steps for n in step.training))
         self.dist = dist
+        # Checkpointing, sharding and compilation change how a network runs, not its weights: apply them after the
+        # EMA copies are made so that the shadows stay plain modules (or, under FSDP, are sharded alike).
+        self.sharded: list[str] = []
+        for name, net in self.networks.items():
+            if cfg["networks"][name]["checkpointing"]:
+                enable_checkpointing(net, name)
+        if self.strategy == "fsdp":
+            self._shard([n for n in trained if self.frozen[n] is not True])
+        self.runners: dict[str, torch.nn.Module] = {}
+        for name, net in self.networks.items():
+            self.runners[name] = torch.compile(net) if cfg["networks"][name]["compile"] else net
         # DDP: only networks some step trains (and that are not frozen) are wrapped and all-reduced, and a step
         # calls the wrapper only for the networks it trains: the others run as plain modules.
         self.ddp: dict[str, torch.nn.Module] = {}
-        if dist is not None:
+        if self.strategy == "ddp":
             self.ddp = {n: dist.wrap(self.runners[n]) for n in trained if self.frozen[n] is not True}
+        self._gathered: dict[str, torch.nn.Module] = {}  # FSDP: full copies for validation, built once
 
         scheduler_default = train["lr_scheduler"]
         use_scaler = self.precision == "fp16"
@@ -128,6 +130,18 @@ class ExtensibleTrainer:
             sched_path = f"steps.{step.name}.lr_scheduler" if scfg["lr_scheduler"] else "train.lr_scheduler"
             step.build_optimizer(scfg["optimizer"], self.networks, sched, sched_path, use_scaler, device)
         self._disabled: list[torch.nn.Parameter] = []
+
+    def _shard(self, names: list[str]) -> None:
+        """FSDP: shard the trained networks and their EMA shadows in place (see :mod:`dlas.trainer.fsdp`)."""
+        problem = fsdp.check_precision(self.precision)
+        if problem:
+            raise ConfigError(problem, "precision")
+        for name in names:
+            nets = [self.networks[name]] + ([s[name] for s in self.ema.shadows.values()]
+                                            if self.ema and name in self.ema.sources else [])
+            for net in nets:
+                fsdp.shard(net, self.dist.world_size, self.dist.device_type, self.precision)
+            self.sharded.append(name)
 
     # ------------------------------------------------------------------ graph checks
     def _check_training_names(self) -> None:
@@ -273,8 +287,10 @@ class ExtensibleTrainer:
         return logs
 
     def _no_sync(self, trainable: set[str], last: bool) -> contextlib.AbstractContextManager:
-        """Suppress DDP's all-reduce on every micro-batch but the last, for every network of the step."""
+        """Suppress DDP's all-reduce (FSDP's reduce-scatter) on every micro-batch but the last, for every network
+        of the step."""
         stack = contextlib.ExitStack()
+        fsdp.set_gradient_sync([self.networks[n] for n in sorted(trainable) if n in self.sharded], last)
         if not last:
             for name in trainable:
                 if name in self.ddp:
@@ -317,18 +333,31 @@ class ExtensibleTrainer:
 
     # ------------------------------------------------------------------ evaluation helpers
     def eval_networks(self, use_ema: bool = True) -> dict[str, torch.nn.Module]:
-        """Networks for validation: each one's EMA (first rate) where it has one, in eval mode."""
+        """Networks for validation: each one's EMA (first rate) where it has one, in eval mode. Under FSDP a
+        sharded network is gathered into a full copy on every rank (a collective), so evaluators run as without
+        FSDP."""
         nets = {}
         for name, net in self.networks.items():
             nets[name] = self.ema.primary(name) if use_ema and self.ema and name in self.ema.sources else net
+            if name in self.sharded:
+                nets[name] = self._gather(name, nets[name])
             nets[name].eval()
         return nets
+
+    def _gather(self, name: str, sharded: torch.nn.Module) -> torch.nn.Module:
+        """A plain module holding the full weights of the sharded ``sharded`` (network ``name``)."""
+        if name not in self._gathered:
+            self._gathered[name] = build_network(self.cfg, name, f"networks.{name}").to(self.device)
+        self._gathered[name].load_state_dict(fsdp.full_state_dict(sharded, everywhere=True))
+        return self._gathered[name]
 
     @torch.no_grad()
     def compute_losses(self, batch: Mapping[str, Any]) -> dict[str, float]:
         """The training graph's losses on ``batch`` without any update (the ``loss`` evaluator)."""
         state = self.to_device(batch)
         ctx = self.context(self.iteration, training=False)
+        if self.sharded:  # ranks evaluate different items: run full copies, not collectives
+            ctx.networks = {**ctx.networks, **{n: self._gather(n, self.networks[n]) for n in self.sharded}}
         out: dict[str, float] = {}
         with self.autocast():
             for step in self.steps:
@@ -338,32 +367,57 @@ class ExtensibleTrainer:
         return out
 
     # ------------------------------------------------------------------ state
+    def _load_weights(self, name: str, net: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
+        if name in self.sharded:
+            fsdp.load_full_state_dict(net, sd)
+        else:
+            net.load_state_dict(sd)
+
     def weights(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Checkpoint files: ``NET`` and ``NET_ema[_RATE]`` -> state dict."""
-        files = {name: net.state_dict() for name, net in self.networks.items()}
+        """Checkpoint files: ``NET`` and ``NET_ema[_RATE]`` -> state dict. Under FSDP every rank must call it (the
+        sharded weights are gathered into full tensors on rank 0; the other ranks get empty dicts for them)."""
+        files = {name: self._weights_of(name, net) for name, net in self.networks.items()}
         if self.ema:
-            files.update(self.ema.state_dicts())
+            files.update({self.ema.file_stem(rate, name): self._weights_of(name, shadow)
+                          for rate, shadows in self.ema.shadows.items() for name, shadow in shadows.items()})
         return files
 
+    def _weights_of(self, name: str, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return fsdp.full_state_dict(net) if name in self.sharded else net.state_dict()
+
+    def _step_networks(self, step: Step) -> dict[str, torch.nn.Module]:
+        return {name: self.networks[name] for name in step.training}
+
     def state_dict(self) -> dict[str, Any]:
+        """Optimizers, schedulers, scalers and counters (under FSDP every rank must call it: the optimizer state
+        of sharded networks is gathered, keyed by parameter name)."""
+        steps = {}
+        for step in self.steps:
+            steps[step.name] = step.state_dict()
+            if any(name in self.sharded for name in step.training):
+                steps[step.name]["optimizer"] = fsdp.optimizer_state_dict(self._step_networks(step), step.optimizer)
         return {
             "step": self.iteration,
             "bad_steps": self.bad_steps,
             "bad_total": self.bad_total,
             "ema_updates": self.ema.updates if self.ema else 0,
-            "steps": {step.name: step.state_dict() for step in self.steps},
+            "steps": steps,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         for name, net in self.networks.items():
             if name not in weights:
                 raise ConfigError(f"the checkpoint has no weights for network '{name}'", f"networks.{name}")
-            net.load_state_dict(weights[name])
+            self._load_weights(name, net, weights[name])
         if self.ema:
-            self.ema.load_state_dicts(weights, state.get("ema_updates", 0))
+            self.ema.load_state_dicts(weights, state.get("ema_updates", 0), load=self._load_weights)
         for step in self.steps:
             if step.name in state["steps"]:
-                step.load_state_dict(state["steps"][step.name])
+                saved = state["steps"][step.name]
+                if any(name in self.sharded for name in step.training):
+                    fsdp.load_optimizer_state_dict(self._step_networks(step), step.optimizer, saved["optimizer"])
+                    saved = {**saved, "optimizer": step.optimizer.state_dict()}
+                step.load_state_dict(saved)
             else:
                 log.warning("the checkpoint has no optimizer state for step '%s': it starts fresh", step.name)
         self.iteration = state["step"]
