@@ -35,6 +35,7 @@ INJECTORS = {
     "image_patch": "dlas.injectors.sr",
     "gaussian_diffusion": "dlas.injectors.diffusion",
     "flow_warp": "dlas.injectors.warp",
+    "dvae_encode": "dlas.injectors.dalle",
 }
 
 LOSSES = {
@@ -90,6 +91,7 @@ TASKS = {
     "reconstruct": "dlas.inference.tasks",
     "sample": "dlas.inference.tasks",
     "diffusion": "dlas.inference.diffusion",
+    "dalle": "dlas.inference.dalle",
 }
 
 SCHEDULERS = {
