@@ -64,6 +64,7 @@ EVALUATORS = {
     "srflow": "dlas.evaluators.srflow",
     "reconstruction": "dlas.evaluators.reconstruction",
     "samples": "dlas.evaluators.samples",
+    "shapes_accuracy": "dlas.evaluators.dalle",
 }
 
 OPTIMIZERS = {
