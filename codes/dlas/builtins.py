@@ -14,6 +14,9 @@ NETWORKS = {
     "unet_discriminator": "dlas.models.sr.discriminators",
     # normalizing-flow SR
     "srflow": "dlas.models.srflow.srflow",
+    # switched convolutions
+    "switched_vae": "dlas.models.switched.vae",
+    "switched_rrdbnet": "dlas.models.switched.rrdbnet",
     # discrete VAE (triforce)
     "dvae": "dlas.models.vqvae.dvae",
     # diffusion
