@@ -22,6 +22,7 @@ TINY_DVAE = ["networks.dvae.width=8", "networks.dvae.codebook_size=16", "network
              "datasets.train.batch_size=2", "datasets.train.num_workers=0"]
 PHOTOS = ["datasets.train.paths=['skimage:astronaut,coffee']", "datasets.train.target_size=32",
           "datasets.val.paths=[skimage:chelsea]", "datasets.val.target_size=32", "eval.reconstruction.max_images=1"]
+TINY_SWITCHED_VAE = DATA + ["datasets.train.target_size=16", "networks.generator.nf=4"]
 
 # Per recipe: overrides that make it tiny and switch its gated parts on within 3 steps.
 TINY = {
@@ -42,6 +43,9 @@ TINY = {
     "diffusion_sr_x4.yml": DATA + TINY_UNET + ["datasets.train.target_size=32", "datasets.val.target_size=32"],
     "triforce_dvae_shapes.yml": TINY_DVAE + ["datasets.val.count=2"],
     "triforce_dvae_photos256.yml": TINY_DVAE + PHOTOS,
+    "switched_vae.yml": TINY_SWITCHED_VAE,
+    "plain_vae.yml": TINY_SWITCHED_VAE,
+    "switched_vae_from_plain.yml": TINY_SWITCHED_VAE + ["path.pretrain_model_generator=null"],
 }
 
 
