@@ -24,6 +24,17 @@ PHOTOS = ["datasets.train.paths=['skimage:astronaut,coffee']", "datasets.train.t
           "datasets.val.paths=[skimage:chelsea]", "datasets.val.target_size=32", "eval.reconstruction.max_images=1"]
 TINY_SWITCHED_VAE = DATA + ["datasets.train.target_size=16", "networks.generator.nf=4"]
 
+TINY_DALLE = [  # images encoded on the fly by an untrained tiny dVAE instead of extracted token shards
+    "datasets.train={type: shapes, count: 4, batch_size: 2, num_workers: 0}",
+    "datasets.val={type: shapes, count: 2, variant: 1}",
+    "steps.dalle.injectors={encode: {type: dvae_encode, network: dvae, in: hq, out: image_tokens}, "
+    "forward: {type: generator, network: dalle, in: {text: caption, image_tokens: image_tokens}, "
+    "out: {text_loss: text_loss, image_loss: image_loss}}}",
+    "networks.dalle.tokenizer=bytes", "networks.dalle.text_vocab_size=258", "networks.dalle.text_length=8",
+    "networks.dalle.width=16", "networks.dalle.depth=1", "networks.dalle.heads=2", "networks.dvae.width=8",
+    "networks.dvae.res_blocks=0", "path.pretrain_model_dvae=null", "eval.samples.count=1",
+    "eval.accuracy.max_items=1", "eval.accuracy.count=1"]
+
 # Per recipe: overrides that make it tiny and switch its gated parts on within 3 steps.
 TINY = {
     "quickstart_sr.yml": DATA + ["networks.generator.nf=8", "networks.generator.num_conv=2"],
@@ -46,6 +57,7 @@ TINY = {
     "switched_vae.yml": TINY_SWITCHED_VAE,
     "plain_vae.yml": TINY_SWITCHED_VAE,
     "switched_vae_from_plain.yml": TINY_SWITCHED_VAE + ["path.pretrain_model_generator=null"],
+    "triforce_dalle_shapes.yml": TINY_DALLE,
 }
 
 
