@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExportFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # an output folder that cannot be made, a read-only or full disk
+        print(f"error: {args.output}: cannot write the model: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     height, width = image.shape[-2:]
     print(f"wrote {output} (network '{name}', step {trained.step}, {trained.weights_file.name}, x{scale:g}; "
           f"dynamic batch, height and width{f', sides a multiple of {multiple}' if multiple > 1 else ''})")
