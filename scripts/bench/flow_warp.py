@@ -57,8 +57,9 @@ def measure(shape: tuple[int, ...], device: torch.device, repeats: int) -> dict[
         for warp in warps.values():  # warm-up (allocator, CUDA kernels)
             for _ in range(3):
                 run(warp)
-        for _ in range(repeats):
-            for name, warp in warps.items():  # alternate, so load changes hit both alike
+        for round_ in range(repeats):
+            order = list(warps.items())
+            for name, warp in order if round_ % 2 else reversed(order):  # alternate, so load hits both alike
                 times.setdefault(f"{phase}/{name}", []).append(timed(run, warp, device=device))
     # The fastest call is the one least disturbed by other processes; medians are kept in the JSON too.
     result = {key: min(values) * 1e3 for key, values in times.items()}

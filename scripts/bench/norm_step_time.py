@@ -66,8 +66,9 @@ def measure(name: str, device: torch.device, repeats: int) -> dict[str, dict[str
         step()
         step()
     times: dict[str, list[float]] = {label: [] for label in steps}
-    for _ in range(repeats):
-        for label, step in steps.items():
+    for round_ in range(repeats):
+        order = list(steps.items())
+        for label, step in order if round_ % 2 else reversed(order):  # no variant always runs first
             times[label].append(timed(step, device=device))
     # The fastest step is the one least disturbed by other processes; the median is kept in the JSON.
     fastest = {label: min(values) * 1e3 for label, values in times.items()}
