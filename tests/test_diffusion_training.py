@@ -59,14 +59,14 @@ def trained_run(tmp_path_factory, one_torch_thread) -> Path:
 
 
 def test_a_resumed_run_with_loss_aware_timesteps_equals_an_uninterrupted_one(tmp_path, one_torch_thread):
-    # T = 2 with 10 losses per step: the sampler leaves its uniform warm-up after 3 iterations of 8 samples
+    # T = 2 with 10 losses per step: after 4 iterations of 8 samples the sampler has left its uniform warm-up
     short = {"batch": 8, "timesteps": 2, "schedule": "cosine", "sampling_steps": 2, "timestep_sampler": "loss_aware"}
-    full = run(tmp_path, "full", 4, **short)
-    run(tmp_path, "split", 3, **short)
-    split = run(tmp_path, "split", 4, **short)
-    sampler = ckpt.load_state(ckpt.checkpoint_root(split) / "3")["steps"]["generator"]["injectors"]["diffusion"]
-    assert sampler["timestep_sampler"]["counts"].sum() == 24  # the history travels with the checkpoint
-    a, b = weights(full, 4), weights(split, 4)
+    full = run(tmp_path, "full", 5, **short)
+    run(tmp_path, "split", 4, **short)
+    split = run(tmp_path, "split", 5, **short)
+    sampler = ckpt.load_state(ckpt.checkpoint_root(split) / "4")["steps"]["generator"]["injectors"]["diffusion"]
+    assert sampler["timestep_sampler"]["counts"].min() >= 10  # warmed up: the history decides the next draws
+    a, b = weights(full, 5), weights(split, 5)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
