@@ -115,9 +115,11 @@ def test_fast_hard_path_matches_the_reference_in_double_precision_and_under_grad
     winner = torch.randint(3, (2, 4, 3))
     weight = fast.weight.detach().clone().requires_grad_()
     bias = fast.bias.detach().clone().requires_grad_()
-    padded = lambda t: F.pad(t, (1, 1, 1, 1))
-    assert torch.autograd.gradcheck(lambda t, w, b: routed_conv(padded(t), winner, w, b, (2, 2), (1, 1)),
-                                    (x, weight, bias))
+    gate = torch.rand(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    padded_inside = lambda t, w, b, g: routed_conv(t, winner, w, b, (2, 2), (1, 1), padding=(1, 1), gate=g)
+    assert torch.autograd.gradcheck(padded_inside, (x, weight, bias, gate))
+    padded_outside = lambda t, w: routed_conv(F.pad(t, (1, 1, 1, 1)), winner, w, None, (2, 2), (1, 1))
+    assert torch.autograd.gradcheck(padded_outside, (x, weight))
 
 
 def test_fast_hard_path_runs_under_bf16_autocast_close_to_float32():

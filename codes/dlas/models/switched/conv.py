@@ -188,9 +188,8 @@ class SwitchedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, guide: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.balance_loss = None
-        padded = self._pad(x)
-        out_size = tuple(output_size(padded.shape[2 + i], self.kernel_size[i], self.stride[i], self.dilation[i])
-                         for i in range(2))
+        out_size = tuple(output_size(x.shape[2 + i] + 2 * self.padding[i], self.kernel_size[i], self.stride[i],
+                                     self.dilation[i]) for i in range(2))
         logits = self.selector(x if guide is None else guide)
         if tuple(logits.shape[-2:]) != out_size:
             logits = F.interpolate(logits.float(), size=out_size, mode="nearest")
@@ -198,23 +197,24 @@ class SwitchedConv(nn.Module):
         # and argmax over dim 1 of an NCHW tensor is 10x slower than of a channels-last copy
         winner = probs.detach().contiguous(memory_format=torch.channels_last).argmax(dim=1)
         weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):  # the custom path does its own casting
+        if torch.is_autocast_enabled(x.device.type):  # the fast path does its own casting
             dtype = torch.get_autocast_dtype(x.device.type)
-            padded, weight = padded.to(dtype), weight.to(dtype)
+            x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        if self.mode == "soft":
-            out = all_experts_conv(padded, probs, weight, bias, self.stride, self.dilation)
+        gate = self._gate(probs, winner) if self.mode == "hard" and probs.requires_grad else None
+        if self.mode == "hard" and self.implementation == "fast":
+            # zero padding happens inside, in the same copy that makes the NHWC rows
+            source, pad = (x, self.padding) if self.padding_mode == "zeros" else (self._pad(x), (0, 0))
+            with torch.autocast(x.device.type, enabled=False):
+                out = routed_conv(source, winner, weight, bias, self.stride, self.dilation, pad,
+                                  None if gate is None else gate[:, 0])
         else:
-            gate = self._gate(probs, winner) if probs.requires_grad else None
-            if self.implementation == "fast":
-                with torch.autocast(x.device.type, enabled=False):
-                    out = routed_conv(padded, winner, weight, bias, self.stride, self.dilation)
-                if gate is not None:
-                    out = out * gate.to(out.dtype)
+            if self.mode == "soft":
+                mix = probs
             else:
                 mix = F.one_hot(winner, self.num_experts).permute(0, 3, 1, 2).to(probs.dtype)
-                out = all_experts_conv(padded, mix if gate is None else mix * gate, weight, bias, self.stride,
-                                       self.dilation)
+                mix = mix if gate is None else mix * gate
+            out = all_experts_conv(self._pad(x), mix, weight, bias, self.stride, self.dilation)
         if self.training:
             self._record_routing(probs, winner)
         return out

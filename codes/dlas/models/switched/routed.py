@@ -90,42 +90,63 @@ class _RoutedConv(torch.autograd.Function):
     """The hard-routed convolution (see the module docstring); winner gets no gradient."""
 
     @staticmethod
-    def forward(ctx, x, winner, weight, bias, stride, dilation):
+    def forward(ctx, x, winner, gate, weight, bias, stride, padding, dilation):
         n, c, height, width = x.shape
         experts, out_channels, _, kh, kw = weight.shape
         out_h, out_w = winner.shape[-2:]
-        # NHWC rows: one pixel's channels are contiguous, so a kernel tap of a patch is one row to copy.
-        rows = x.permute(0, 2, 3, 1).reshape(n * height * width, c)
+        # Zero-padded NHWC rows in one copy: one pixel's channels are contiguous, so a kernel tap of a patch is one
+        # row to copy.
+        (ph, pw), padded_h, padded_w = padding, height + 2 * padding[0], width + 2 * padding[1]
+        if ph or pw:
+            rows = x.new_zeros(n, padded_h, padded_w, c)
+            rows[:, ph:ph + height, pw:pw + width] = x.permute(0, 2, 3, 1)
+        else:
+            rows = x.permute(0, 2, 3, 1).contiguous()
+        rows = rows.view(-1, c)
         order, counts = group_by_expert(winner.reshape(-1), experts)
         per_image = out_h * out_w
         image, pixel = order // per_image, order % per_image
-        origins = image * (height * width) + (pixel // out_w) * (stride[0] * width) + (pixel % out_w) * stride[1]
-        taps = (torch.arange(kh, device=x.device)[:, None] * (dilation[0] * width)
+        origins = (image * (padded_h * padded_w) + (pixel // out_w) * (stride[0] * padded_w)
+                   + (pixel % out_w) * stride[1])
+        taps = (torch.arange(kh, device=x.device)[:, None] * (dilation[0] * padded_w)
                 + torch.arange(kw, device=x.device)[None, :] * dilation[1]).reshape(-1)
         # the rows of every sorted pixel's patch, kh * kw per pixel
         index = (origins[:, None] + taps).reshape(-1)
         kk = taps.numel()
         # [K, O, taps * C]: tap-major, channel-minor, the order the gathered patch rows come in
         kernels = weight.permute(0, 1, 3, 4, 2).reshape(experts, out_channels, -1)
-        out = x.new_empty(order.numel(), out_channels)
+        out_sorted = x.new_empty(order.numel(), out_channels)
         for expert, start, end in _chunks(counts, kernels.shape[-1] * x.element_size(), x.device):
             patches = rows.index_select(0, index[start * kk:end * kk]).view(end - start, -1)
-            result = linear(patches, kernels[expert], None if bias is None else bias[expert])
-            out.index_copy_(0, order[start:end], result)
-        ctx.save_for_backward(rows, order, index, weight)
-        ctx.counts, ctx.has_bias, ctx.input_shape = counts, bias is not None, x.shape
+            out_sorted[start:end] = linear(patches, kernels[expert], None if bias is None else bias[expert])
+        gate_sorted = None if gate is None else gate.reshape(-1).index_select(0, order).to(out_sorted.dtype)
+        scaled = out_sorted if gate is None else out_sorted * gate_sorted[:, None]
+        # back to raster order with a gather (faster than scattering each chunk)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        out = scaled.index_select(0, inverse)
+        ctx.save_for_backward(rows, order, index, weight, gate_sorted,
+                              out_sorted if ctx.needs_input_grad[2] else None)
+        ctx.counts, ctx.has_bias, ctx.geometry = counts, bias is not None, (n, c, height, width, ph, pw)
         return out.view(n, out_h, out_w, out_channels).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, order, index, weight = ctx.saved_tensors
-        n, c, height, width = ctx.input_shape
+        rows, order, index, weight, gate_sorted, out_sorted = ctx.saved_tensors
+        n, c, height, width, ph, pw = ctx.geometry
         experts, out_channels, _, kh, kw = weight.shape
-        need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+        need_x, _, need_gate, need_w, need_b = ctx.needs_input_grad[:5]
         kernels = weight.permute(0, 1, 3, 4, 2).reshape(experts, out_channels, -1)
         kernels_t = kernels.transpose(1, 2).contiguous() if need_x else None
         kk = kh * kw
         grad_sorted = grad_out.permute(0, 2, 3, 1).reshape(-1, out_channels).index_select(0, order)
+        grad_gate = None
+        if need_gate:
+            grad_gate = torch.empty(order.numel(), dtype=gate_sorted.dtype, device=order.device)
+            grad_gate[order] = (grad_sorted * out_sorted).sum(dim=1).to(gate_sorted.dtype)
+            grad_gate = grad_gate.view(n, *grad_out.shape[-2:])
+        if gate_sorted is not None:
+            grad_sorted = grad_sorted * gate_sorted[:, None]
         # accumulated in float32 at least: a chunked sum in bf16 would lose the small terms
         total = torch.promote_types(rows.dtype, torch.float32)
         grad_kernels = torch.zeros(kernels.shape, dtype=total, device=rows.device) if need_w else None
@@ -143,7 +164,8 @@ class _RoutedConv(torch.autograd.Function):
                 grad_rows.index_add_(0, rows_of, linear(grad, kernels_t[expert]).view(-1, c).to(total))
         grad_x = grad_weight = grad_bias = None
         if need_x:
-            grad_x = grad_rows.view(n, height, width, c).permute(0, 3, 1, 2).to(rows.dtype)
+            grad_x = grad_rows.view(n, height + 2 * ph, width + 2 * pw, c)[:, ph:ph + height, pw:pw + width]
+            grad_x = grad_x.permute(0, 3, 1, 2).to(rows.dtype)
         if need_w:
             grad_weight = grad_kernels.view(experts, out_channels, kh, kw, c).permute(0, 1, 4, 2, 3)
             grad_weight = grad_weight.contiguous().to(weight.dtype)
@@ -154,15 +176,18 @@ class _RoutedConv(torch.autograd.Function):
                 sums[expert] = grad_sorted[start:start + count].to(total).sum(0)
                 start += count
             grad_bias = sums.to(weight.dtype)
-        return grad_x, None, grad_weight, grad_bias, None, None
+        return grad_x, None, grad_gate, grad_weight, grad_bias, None, None, None
 
 
 def routed_conv(x: torch.Tensor, winner: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                stride: tuple[int, int], dilation: tuple[int, int]) -> torch.Tensor:
-    """Each output pixel ``(n, i, j)`` computed by expert ``winner[n, i, j]`` only.
+                stride: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int] = (0, 0),
+                gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each output pixel ``(n, i, j)`` computed by expert ``winner[n, i, j]`` only, times ``gate[n, i, j]``.
 
-    x: the padded input ``[N, C, H, W]``; winner: ``[N, Ho, Wo]`` expert indices (long); weight
-    ``[K, O, C, kh, kw]``; bias ``[K, O]`` or None. Returns ``[N, O, Ho, Wo]`` in channels-last memory (what the
-    next switched layer gathers from without a copy). Equal to :func:`all_experts_conv` with a one-hot ``mix``.
+    x: the input ``[N, C, H, W]``, zero-padded by ``padding`` here (pad it yourself for other padding modes);
+    winner: ``[N, Ho, Wo]`` expert indices (long); weight ``[K, O, C, kh, kw]``; bias ``[K, O]`` or None; gate:
+    ``[N, Ho, Wo]`` per-pixel factors or None (the switched conv's gate: ones that carry the selector's gradient).
+    Returns ``[N, O, Ho, Wo]`` in channels-last memory (what the next switched layer gathers from without a copy).
+    Equal to :func:`all_experts_conv` of the padded input with ``mix = one_hot(winner) * gate``.
     """
-    return _RoutedConv.apply(x, winner, weight, bias, stride, dilation)
+    return _RoutedConv.apply(x, winner, gate, weight, bias, stride, padding, dilation)
