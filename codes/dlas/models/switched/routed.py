@@ -124,11 +124,15 @@ class _RoutedConv(torch.autograd.Function):
         # back to raster order with a gather (faster than scattering each chunk)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-        out = scaled.index_select(0, inverse)
+        # written through an NHWC view of a channels-last tensor: the output is not a view (in-place ops after it,
+        # such as an inplace LeakyReLU, would be refused on a view made inside a custom Function)
+        out = torch.empty((n, out_channels, out_h, out_w), dtype=scaled.dtype, device=scaled.device,
+                          memory_format=torch.channels_last)
+        torch.index_select(scaled, 0, inverse, out=out.permute(0, 2, 3, 1).view(-1, out_channels))
         ctx.save_for_backward(rows, order, index, weight, gate_sorted,
                               out_sorted if ctx.needs_input_grad[2] else None)
         ctx.counts, ctx.has_bias, ctx.geometry = counts, bias is not None, (n, c, height, width, ph, pw)
-        return out.view(n, out_h, out_w, out_channels).permute(0, 3, 1, 2)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
