@@ -360,3 +360,74 @@ def test_keep_best_must_name_a_metric_the_evaluator_reports():
     assert load_config(str(TINY), ["+eval.sr={type: sr, network: generator, dataset: val}",
                                    "logger.keep_best=sr/psnr"])["logger"]["keep_best"] == "sr/psnr"
     assert load_config(str(TINY), ["logger.keep_best=psnr/psnr"])["logger"]["keep_best"] == "psnr/psnr"
+
+
+# ------------------------------------------------------------------ numbers are range-checked up front
+@pytest.mark.parametrize("override, path, fragment", [
+    ("steps.generator.optimizer.lr=-1e-4", "steps.generator.optimizer.lr", "must be > 0 (a learning rate)"),
+    ("steps.generator.optimizer.lr=0", "steps.generator.optimizer.lr", "must be > 0"),
+    ("steps.generator.optimizer.lr=.nan", "steps.generator.optimizer.lr", "must be a number, got NaN"),
+    ("steps.generator.optimizer.lr=.inf", "steps.generator.optimizer.lr", "must be a finite number, got inf"),
+    ("steps.generator.optimizer.betas=[0.9, 1.0]", "steps.generator.optimizer.betas", "must be >= 0 and < 1"),
+    ("steps.generator.optimizer.weight_decay=-0.1", "steps.generator.optimizer.weight_decay", "must be >= 0"),
+    ("seed=1180591620717411303424", "seed", "must fit in 64 bits"),
+    ("datasets.train.batch_size=1000000000", "datasets.train.batch_size", "must be at most 1048576"),
+    ("datasets.train.num_workers=100000", "datasets.train.num_workers", "must be at most 256"),
+    ("steps.generator.losses.pix.weight=.nan", "steps.generator.losses.pix.weight", "got NaN"),
+    ("steps.generator.losses.pix.weight={schedule: linear, from: 0, to: .inf, start: 0, end: 10}",
+     "steps.generator.losses.pix.weight.to", "must be a finite number"),
+    ("+steps.generator.grad_clip=.inf", "steps.generator.grad_clip", "must be a finite number"),
+    ("+train.dist_timeout=0", "train.dist_timeout", "must be greater than 0"),
+    ("+train.ema={rate: .nan}", "train.ema.rate", "got NaN"),
+    ("networks.generator.nf=99999999999999999999", "networks.generator.nf", "must fit in 64 bits"),
+    ("train.lr_scheduler.gamma=-.inf", "train.lr_scheduler.gamma", "must be a finite number, got -inf"),
+])
+def test_a_number_that_would_fail_later_is_an_error_up_front(override, path, fragment):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(TINY), [override])
+    problems = problems_of(excinfo)
+    assert path in problems and fragment in problems[path].message, problems
+
+
+def test_an_infinite_value_is_accepted_where_the_component_defaults_to_infinity():
+    import math
+
+    from dlas.registry import LOSSES
+
+    @LOSSES.register("test_config_clamped_pix")
+    def clamped_pix(fake: str = "gen", real: str = "hq", max_error: float = math.inf, scale: float = 1.0):
+        """A loss whose error cap is off (infinite) by default."""
+
+    load_config(str(TINY), ["steps.generator.losses.pix.type=test_config_clamped_pix",
+                            "+steps.generator.losses.pix.max_error=.inf"])
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(str(TINY), ["steps.generator.losses.pix.type=test_config_clamped_pix",
+                                "+steps.generator.losses.pix.scale=.inf"])
+    assert "must be a finite number" in problems_of(excinfo)["steps.generator.losses.pix.scale"].message
+
+
+# ------------------------------------------------------------------ YAML read as untrusted input
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    import time
+
+    lines = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]" for i in range(9)]
+    file = write(tmp_path, "bomb.yml", "\n".join(lines) + "\n")  # 10**10 values in 500 bytes
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as excinfo:
+        read_yaml(file, "bomb.yml")
+    assert time.monotonic() - start < 2
+    (problem,) = excinfo.value.problems
+    assert "expands to more than 100000 values through its aliases" in str(problem)
+
+
+def test_an_alias_inside_what_it_names_is_refused(tmp_path):
+    file = write(tmp_path, "loop.yml", "a: &a {b: *a}\n")
+    with pytest.raises(ConfigError, match="refers to a mapping or list that contains it"):
+        read_yaml(file, "loop.yml")
+
+
+def test_yaml_nested_thousands_of_levels_deep_is_one_error(tmp_path):
+    file = write(tmp_path, "deep.yml", "a: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        read_yaml(file, "deep.yml")

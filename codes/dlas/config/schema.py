@@ -6,13 +6,20 @@ against its constructor's signature, so the schema marks those places with :clas
 A small walker over dataclass fields then gives all-errors-at-once reports with dotted paths and did-you-mean
 suggestions in exactly the form the registry uses.
 
-Field conventions: a field without a default is required; ``metadata={"min": n}`` bounds a number from below;
-a trailing underscore (``from_``) is a YAML key that is a Python keyword.
+Field conventions: a field without a default is required; ``metadata={"min": n, "max": m, "above": a}`` bounds
+a number (``above``: strictly greater); a trailing underscore (``from_``) is a YAML key that is a Python keyword.
+
+Numbers everywhere, components' options included, are checked up front (:func:`number_problem`): NaN is never a
+value, an integer must fit in 64 bits, and a float must be finite, except a component option whose default is
+itself infinite (``max_norm: float = math.inf`` says infinity means something there). Options that mean the same
+in every optimizer (``lr``, ``eps``, ``weight_decay``, ``momentum``, ``betas``) are range-checked by name
+(:data:`OPTIMIZER_RULES`), plugins' optimizers included.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -26,6 +33,45 @@ from dlas.registry import REGISTRIES, python_name, type_error, yaml_name
 
 _NoneType = type(None)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
+INT64_MAX = 2**63 - 1
+MAX_BATCH_SIZE = 2**20  # no machine holds a larger global batch; a typo like 1e9 should not hang the loader
+MAX_NUM_WORKERS = 256
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A range an option's number (or each number of its list) must lie in; ``what`` says what the option is."""
+
+    what: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # the low end itself is excluded
+    high_open: bool = False
+
+    def problem(self, value: Any) -> Optional[str]:
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if not isinstance(item, (int, float)) or isinstance(item, bool):
+                continue  # the type check reports it
+            too_low = self.low is not None and (item <= self.low if self.low_open else item < self.low)
+            too_high = self.high is not None and (item >= self.high if self.high_open else item > self.high)
+            if too_low or too_high:
+                return f"must be {self.text()} ({self.what}), got {item}"
+        return None
+
+    def text(self) -> str:
+        low = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high:g}"
+        return " and ".join(part for part in (low, high) if part)
+
+
+# Options that mean the same in every optimizer, checked wherever an optimizer (built-in or plugin) takes them.
+OPTIMIZER_RULES = (
+    ("lr", Bound("a learning rate", low=0, low_open=True)),
+    ("eps", Bound("a term added for numerical stability", low=0, low_open=True)),
+    ("weight_decay", Bound("a decay factor", low=0)),
+    ("momentum", Bound("a momentum factor", low=0, high=1, high_open=True)),
+    ("betas", Bound("decay rates of running averages", low=0, high=1, high_open=True)),
+)
 
 
 @dataclass(frozen=True)
@@ -33,16 +79,40 @@ class Component:
     """Marks a mapping chosen by ``type:`` from the registry of ``kind``.
 
     ``keys`` is a dataclass of the keys the framework handles in this entry (never passed to the constructor);
-    ``provided`` names constructor arguments the framework passes itself (an optimizer's ``params``).
+    ``provided`` names constructor arguments the framework passes itself (an optimizer's ``params``); ``rules``
+    range-check options by name, whichever component of the kind takes them.
     """
 
     kind: str
     keys: Optional[type] = None
     provided: tuple[str, ...] = ()
+    rules: tuple[tuple[str, Bound], ...] = ()
 
 
-def _min(value: int, default: Any = dataclasses.MISSING) -> Any:
-    return field(default=default, metadata={"min": value})
+def _min(value: int, default: Any = dataclasses.MISSING, max: Optional[int] = None) -> Any:
+    return field(default=default, metadata={"min": value, "max": max})
+
+
+def number_problem(value: Any, allow_infinite: bool = False) -> Optional[str]:
+    """Why ``value`` (or a number inside its lists and mappings) cannot be a config number, else ``None``.
+
+    NaN is never a value; an integer must fit in 64 bits (torch and numpy take nothing larger); a float must be
+    finite unless ``allow_infinite``.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return "must be a number, got NaN"
+    if isinstance(value, float) and math.isinf(value) and not allow_infinite:
+        return f"must be a finite number, got {value}"
+    if isinstance(value, int) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        return f"must fit in 64 bits (at most {INT64_MAX}), got {value}"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        problem = number_problem(item, allow_infinite)
+        if problem:
+            return f"{'item ' if isinstance(key, int) else ''}{key}: {problem}"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ framework keys
@@ -117,8 +187,8 @@ class NetworkKeys:
 class LoaderKeys:
     """Data-loader keys of a dataset entry; ``batch_size`` is the global batch (split across ranks)."""
 
-    batch_size: int = _min(1, 1)
-    num_workers: int = _min(0, 0)
+    batch_size: int = _min(1, 1, max=MAX_BATCH_SIZE)
+    num_workers: int = _min(0, 0, max=MAX_NUM_WORKERS)
     shuffle: Optional[bool] = None  # null: true for the `train` dataset, false for the others
     item_keys: Optional[list[str]] = None  # state keys naming the parts of an item that is a tuple or a tensor
 
@@ -143,7 +213,7 @@ class StepSection:
     """One optimizer step per iteration: what it trains, what it computes and what it minimises."""
 
     training: Union[str, list[str]]
-    optimizer: Annotated[dict, Component("optimizer", provided=("params",))]
+    optimizer: Annotated[dict, Component("optimizer", provided=("params",), rules=OPTIMIZER_RULES)]
     lr_scheduler: Optional[SchedulerEntry] = None  # null: use train.lr_scheduler
     grad_clip: Optional[float] = None
     after: Optional[int] = _min(0, None)
@@ -176,7 +246,8 @@ class EmaSection:
     def check(values: dict, path: KeyPath, checker: "Checker") -> None:
         rates = values.get("rate")
         for rate in rates if isinstance(rates, list) else [rates]:
-            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and not 0 < rate < 1:
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and math.isfinite(rate) and \
+                    not 0 < rate < 1:
                 checker.problem(path + ("rate",), f"an EMA rate is between 0 and 1 (e.g. 0.999), got {rate}")
 
 
@@ -191,7 +262,8 @@ class TrainSection:
     val_freq: Optional[int] = _min(1, None)
     max_bad_steps: int = _min(0, 10)
     allow_tf32: bool = False
-    dist_timeout: float = 600.0  # seconds a rank waits for the others before the job fails (DDP)
+    # seconds a rank waits for the others before the job fails (DDP)
+    dist_timeout: float = field(default=600.0, metadata={"above": 0})
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate trained networks, or shard them
 
 
@@ -280,7 +352,7 @@ class Checker:
         error = type_error(value, hint)
         if error and isinstance(value, float) and value.is_integer() and type_error(int(value), hint) is None:
             error += f"; write it as the integer {int(value)} (1e5 is a float)"
-        if error:
+        if error or (error := number_problem(value)):
             self.problem(path, error)
 
     def named_entries(self, hint: Any, value: Any, path: KeyPath) -> Any:
@@ -329,19 +401,45 @@ class Checker:
         return result
 
     def _bounds(self, spec: dataclasses.Field, value: Any, path: KeyPath) -> None:
-        low = spec.metadata.get("min")
-        if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or number_problem(value):
+            return
+        low, high, above = (spec.metadata.get(key) for key in ("min", "max", "above"))
+        if low is not None and value < low:
             self.problem(path, f"must be at least {low}, got {value}")
+        elif high is not None and value > high:
+            self.problem(path, f"must be at most {high}, got {value}")
+        elif above is not None and value <= above:
+            self.problem(path, f"must be greater than {above}, got {value}")
 
     def component(self, spec: Component, value: Any, path: KeyPath) -> Any:
         registry = REGISTRIES[spec.kind]
         reserved = [yaml_name(f.name) for f in dataclasses.fields(spec.keys)] if spec.keys else []
-        for problem in registry.check(value, format_path(path), reserved=reserved, provided=spec.provided):
+        problems = registry.check(value, format_path(path), reserved=reserved, provided=spec.provided)
+        for problem in problems:
             self.problems.append(_with_reserved_hint(problem, reserved))
+        if not problems:
+            self._component_numbers(spec, value, path, reserved)
         if not isinstance(value, dict) or not spec.keys:
             return value
         framework = self.section(spec.keys, {k: v for k, v in value.items() if k in reserved}, path)
         return {**value, **framework}
+
+
+    def _component_numbers(self, spec: Component, value: dict, path: KeyPath, reserved: list[str]) -> None:
+        """The numbers of a component's options (see :func:`number_problem`) and the kind's ``rules``."""
+        target = REGISTRIES[spec.kind].get(value["type"])
+        signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
+        defaults = {yaml_name(p.name): p.default for p in signature.parameters.values()}
+        rules = dict(spec.rules)
+        for key, item in value.items():
+            if key == "type" or key in reserved:  # the framework's keys are checked by their section
+                continue
+            default = defaults.get(key)
+            problem = number_problem(item, allow_infinite=isinstance(default, float) and math.isinf(default))
+            if problem is None and key in rules:
+                problem = rules[key].problem(item)
+            if problem:
+                self.problem(path + (key,), problem)
 
 
 def _with_reserved_hint(problem: Problem, reserved: list[str]) -> Problem:

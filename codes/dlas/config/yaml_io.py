@@ -1,4 +1,8 @@
-"""Reading and writing config YAML: safe loading with line numbers, YAML 1.2 floats, the ``!replace`` tag."""
+"""Reading and writing config YAML: safe loading with line numbers, YAML 1.2 floats, the ``!replace`` tag.
+
+Files are read as untrusted input: safe YAML only (no Python objects), at most :data:`MAX_BYTES` bytes, at most
+:data:`MAX_VALUES` values once aliases are expanded, and at most 100 levels deep; each limit is one error line.
+"""
 from __future__ import annotations
 
 import re
@@ -15,6 +19,11 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _MAX_DEPTH = 100
+# Aliases let a few hundred bytes stand for billions of values ("billion laughs"): a file may expand to at most
+# this many values (mappings, lists, keys and scalars, each alias counted as often as it is used). Real configs
+# stay below a few thousand.
+MAX_VALUES = 100_000
+MAX_BYTES = 16 * 2**20
 
 # PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent: `2e-4` and `1e5` would load as
 # strings and reach an optimizer as "2e-4". This is the YAML 1.2 float syntax (dot or exponent, sign optional).
@@ -85,6 +94,9 @@ def read_yaml(file: Path, display: str) -> tuple[Any, dict[str, Location]]:
     ``display`` is the file name used in messages. YAML errors raise :class:`ConfigError` with the line.
     """
     try:
+        if file.stat().st_size > MAX_BYTES:
+            raise ConfigError(f"cannot read '{display}': {file.stat().st_size} bytes, more than a config file "
+                              f"holds (at most {MAX_BYTES})", display)
         text = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"cannot read '{display}': not UTF-8 text ({exc.reason})", display) from exc
@@ -94,7 +106,11 @@ def read_yaml(file: Path, display: str) -> tuple[Any, dict[str, Location]]:
     builder = _Builder(loader, display)
     try:
         node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, display)
         data = None if node is None else builder.build(node, ())
+    except RecursionError:
+        raise ConfigError(f"nested too deeply to be a config (more than {_MAX_DEPTH} levels)", display) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = "; ".join(part for part in (exc.context, exc.problem) if part)
@@ -109,6 +125,39 @@ def read_yaml(file: Path, display: str) -> tuple[Any, dict[str, Location]]:
     if builder.problems:
         raise ConfigError(builder.problems)
     return data, builder.locations
+
+
+def _check_expansion(root: yaml.Node, display: str) -> None:
+    """A ConfigError when the node graph expands (through its aliases) to more than :data:`MAX_VALUES` values.
+
+    Each distinct node is counted once, with its expanded size memoised, so the check itself is linear in the
+    file's size however large the expansion would be.
+    """
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node, depth: int) -> int:
+        known = sizes.get(id(node))
+        if known is not None:
+            if known < 0:
+                raise ConfigError([Problem(display, "an alias refers to a mapping or list that contains it, which "
+                                                    "would nest forever", line=node.start_mark.line + 1)])
+            return known
+        if depth > _MAX_DEPTH:  # the builder reports it with the key path
+            return 1
+        sizes[id(node)] = -1  # being counted
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(item, depth + 1) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(key, depth + 1) + size(value, depth + 1) for key, value in node.value)
+        if total > MAX_VALUES:
+            raise ConfigError([Problem(display, f"expands to more than {MAX_VALUES} values through its aliases "
+                                                "(anchors used inside anchors); a config never needs that many",
+                                       line=node.start_mark.line + 1)])
+        sizes[id(node)] = total
+        return total
+
+    size(root, 0)
 
 
 class _Builder:
