@@ -266,7 +266,7 @@ def test_a_run_that_keeps_producing_nan_saves_and_stops_with_a_message(tmp_path,
     config = write_config(tmp_path, "diverged", 20, save_freq=100)
     text = config.read_text().replace(
         "      noisy: {type: noise, in: lq, out: lq_noisy, std: 0.05}",
-        "      noisy: {type: constant, like: lq, value: .nan, out: lq_noisy}")
+        "      noisy: {type: scale, in: lq, out: lq_noisy, factor: 1e39}  # inf in float32: every loss overflows")
     text = text.replace("  mega_batch_factor: 2", "  mega_batch_factor: 2\n  max_bad_steps: 3")
     config.write_text(text)
     assert main(["-opt", str(config)]) == 1
@@ -274,19 +274,6 @@ def test_a_run_that_keeps_producing_nan_saves_and_stops_with_a_message(tmp_path,
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [3]
     log = (run_dir / "train.log").read_text()
     assert "3 steps in a row had non-finite losses" in log and "gen/pix" in log
-
-
-def test_a_failed_save_stops_the_run_loudly_and_keeps_earlier_checkpoints(tmp_path):
-    from dlas.cli.train import main
-
-    config = write_config(tmp_path, "nosave", 4, save_freq=2)
-    run_dir = tmp_path / "experiments" / "nosave"
-    assert main(["-opt", str(config), "train.niter=2"]) == 0
-    # make the next save fail: the checkpoint folder of step 4 exists as a file (an OSError, like a full disk)
-    (ckpt.checkpoint_root(run_dir) / f".tmp-4-{os.getpid()}").write_text("in the way")
-    assert main(["-opt", str(config)]) == 1
-    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
-    assert "saving checkpoint 4" in (run_dir / "train.log").read_text()
 
 
 def test_pretrained_weights_load_strictly_or_report_what_did_not_fit(tmp_path):

@@ -56,6 +56,10 @@ class LoadReport:
             parts.append(f"{len(self.mismatched)} with another shape {_first(shapes)}")
         return "; ".join(parts)
 
+    def differences(self) -> str:
+        """One line: what did not fit (the summary without the count loaded)."""
+        return self.summary().partition("; ")[2]
+
     def __str__(self) -> str:
         return self.summary()
 
@@ -114,8 +118,8 @@ def read_weights_file(path: PathLike) -> dict[str, Any]:
         culprit = f" ({match.group(1)})" if match else ""
         raise DataError(
             f"refusing to load: this pickle refers to Python code{culprit} that would be imported or run when "
-            "loaded; only plain tensors are read. If you trust the file, open it yourself with "
-            "torch.load(weights_only=False) and save just its state dict (torch.save or safetensors)",
+            "loaded; only plain tensors are read. Export a plain state dict (safetensors) with the code that "
+            "made the file",
             str(path),
         ) from exc
     except Exception as exc:  # truncated zip, not a torch file at all, …
@@ -163,6 +167,22 @@ def _unwrap_network(net: nn.Module) -> nn.Module:
             return net
 
 
+def compare_state_dicts(own: Mapping[str, torch.Tensor], state: Mapping[str, Any]) -> LoadReport:
+    """How the tensors ``state`` (a file's) fit a network's state dict ``own``, by key and shape.
+
+    Anything in ``state`` that is not a tensor counts as a mismatch (shape ``()``), so a report that is
+    ``complete`` means ``net.load_state_dict(state)`` cannot fail.
+    """
+    report = LoadReport()
+    # BatchNorm files from before PyTorch 0.4.1 have no step counter; torch fills it in, as its own strict load does.
+    report.missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
+    report.unexpected = [k for k in state if k not in own]
+    report.mismatched = [(k, tuple(v.shape) if isinstance(v, torch.Tensor) else (), tuple(own[k].shape))
+                         for k, v in state.items()
+                         if k in own and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape))]
+    return report
+
+
 def load_network_weights(net: nn.Module, path: PathLike, strict: bool = True) -> LoadReport:
     """Load a weight file into ``net``; return a :class:`LoadReport`.
 
@@ -177,12 +197,7 @@ def load_network_weights(net: nn.Module, path: PathLike, strict: bool = True) ->
     if hasattr(net, "convert_state_dict"):
         state = net.convert_state_dict(state)
     own = net.state_dict()
-    report = LoadReport()
-    # BatchNorm files from before PyTorch 0.4.1 have no step counter; torch fills it in, as its own strict load does.
-    report.missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
-    report.unexpected = [k for k in state if k not in own]
-    report.mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
-                         if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    report = compare_state_dicts(own, state)
     if strict and not report.complete:
         raise DataError(f"weights do not fit {type(net).__name__}: {report.summary()}; fix the network options to "
                         "match the file, or load non-strictly (strict_load: false) to take what fits", str(path))

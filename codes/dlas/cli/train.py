@@ -60,10 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for problem in exc.problems:
             print(f"error: {_one_line(problem)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: stopped at once, the current step was not saved; running the same command again "
-              "resumes from the newest checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # a plain Ctrl-C, or the trainer's StopNow saying what it means
+        print(str(exc) or "interrupted: stopped at once, the current step was not saved; running the same command "
+              "again resumes from the newest checkpoint", file=sys.stderr)
+        return 130 if getattr(exc, "lost", True) else EXIT_OK
 
 
 _WORKER_ERROR = re.compile(r"\ACaught \w+ (?P<where>in DataLoader worker process \d+)\.\n.*"
@@ -118,26 +118,94 @@ def _run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg["path"]["root"]) / cfg["name"]
     from dlas.logging.console import setup_logging
 
+    # Nothing in the run folder changes until the run has started (trainer.train calls start()): a start that
+    # fails (a changed config a resume cannot honour, a checkpoint that does not fit, bad data) leaves it as it was.
+    _check_run_folder_can_be_made(run_dir)
     try:
-        notes = _prepare_run_dir(run_dir, dump_config(cfg), fresh=args.fresh) if rank == 0 else []
-    except OSError as exc:  # a root that cannot be created or written: nothing has started yet
-        raise ConfigError(f"cannot create or write the run folder {run_dir}: {exc.strerror or exc}",
-                          "path.root") from None
-    log = setup_logging(run_dir, rank)
+        changes = [] if args.fresh else _resume_changes(run_dir, cfg)
+    except ConfigError as exc:
+        raise ConfigError(cfg.attach_lines(exc.problems)) from None
+    log = setup_logging(None, rank)
+    early = _EarlyRecords()
+    log.addHandler(early)
     log.info("run folder %s (config %s%s)", run_dir, args.opt,
              f", overrides: {' '.join(args.overrides)}" if args.overrides else "")
-    for level, message in notes:
-        log.log(level, message)
+    if changes:
+        from dlas.config.resume import describe_changes
+
+        log.warning("the config differs from the one this run was trained with (%s): %s", run_dir / "config.yml",
+                    describe_changes(changes))
+    config_text = dump_config(cfg)
+
+    def start() -> None:
+        log.removeHandler(early)
+        notes = []
+        if rank == 0:
+            try:
+                notes = _prepare_run_dir(run_dir, config_text, fresh=args.fresh)
+            except OSError as exc:  # a root that cannot be created or written: nothing has started yet
+                raise ConfigError(f"cannot create or write the run folder {run_dir}: {exc.strerror or exc}",
+                                  "path.root") from None
+        setup_logging(run_dir, rank)
+        early.write_to_files(log)
+        for level, message in notes:
+            log.log(level, message)
+
     from dlas.trainer.loop import TrainingStopped
 
     try:
-        trainer.train(cfg, run_dir)
+        trainer.train(cfg, run_dir, fresh=args.fresh, on_start=start)
     except ConfigError as exc:
         raise ConfigError(cfg.attach_lines(exc.problems)) from None
-    except TrainingStopped as exc:  # the run diverged; it saved first and says what to change
+    except TrainingStopped as exc:  # the run diverged or could not save; it says what to change
         log.error("%s", exc)
         return EXIT_FAILURE
+    finally:
+        log.removeHandler(early)
     return EXIT_OK
+
+
+class _EarlyRecords(logging.Handler):
+    """Keeps what the start-up logs, to write it into ``train.log`` once the run has started (and the file may be
+    written); a start that fails has printed it to the console only."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def write_to_files(self, log: logging.Logger) -> None:
+        for handler in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+            for record in self.records:
+                handler.handle(record)
+        self.records = []
+
+
+def _check_run_folder_can_be_made(run_dir: Path) -> None:
+    """A ConfigError naming ``path.root`` when ``run_dir`` could not be created or written; writes nothing."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    else:
+        return
+    raise ConfigError(f"cannot create or write the run folder {run_dir}: {problem}", "path.root")
+
+
+def _resume_changes(run_dir: Path, cfg: Any) -> list[str]:
+    """The config changes since the run folder's checkpoints were saved (see :mod:`dlas.config.resume`)."""
+    from dlas import checkpoint as ckpt
+    from dlas.config.resume import resume_changes
+
+    if not ckpt.has_checkpoints(run_dir):
+        return []
+    newest = max(ckpt.list_checkpoints(run_dir), default=None)
+    return resume_changes(run_dir, cfg, str(newest[1]) if newest else "its checkpoints")
 
 
 def _import_config_plugins(file: Path) -> None:
@@ -190,11 +258,17 @@ def _prepare_run_dir(run_dir: Path, config_text: str, fresh: bool) -> list[tuple
         # Resuming with a changed config is allowed (e.g. a longer niter), but it must not go unnoticed. A folder
         # without a checkpoint trained nothing (its start failed): its config.yml is simply replaced.
         previous = run_dir / "config.previous.yml"
-        config_file.replace(previous)
-        notes.append((logging.WARNING, "the config differs from the one this run was started with; "
-                                       f"the old one is kept as {previous}"))
-    config_file.write_text(config_text, encoding="utf-8")
+        _write_atomically(previous, config_file.read_text(encoding="utf-8"))
+        notes.append((logging.INFO, f"config.yml is replaced; the one this run trained with until now is kept as "
+                                    f"{previous}"))
+    _write_atomically(config_file, config_text)  # config.yml exists at every moment, whole
     return notes
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- --list / --describe

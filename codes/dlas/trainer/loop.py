@@ -25,7 +25,90 @@ log = logging.getLogger("dlas")
 
 
 class TrainingStopped(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
+    """Training cannot go on (too many non-finite steps in a row, a failed save); one line says what to do."""
+
+
+class StopNow(KeyboardInterrupt):
+    """A stop signal that ends the process at once; ``lost`` says whether trained steps went unsaved."""
+
+    def __init__(self, message: str, lost: bool):
+        super().__init__(message)
+        self.lost = lost
+
+
+class ValidationInterrupted(BaseException):
+    """A stop signal cut a validation short (a BaseException, so an evaluator's ``except Exception`` passes it on)."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM over the whole of a training process, by phase (``phase`` is set by its owner).
+
+    * ``starting`` (building, restoring: nothing trained yet): stop at once, nothing is lost;
+    * ``training``: finish the current step, save, exit 0; a second signal a second or more later stops at once
+      without saving (torchrun forwards SIGINT then SIGTERM within a millisecond, and a terminal's Ctrl-C reaches
+      every rank: signals closer together are one request);
+    * ``validating``: a single process leaves the validation at once and saves (SLURM's ``--signal=TERM@120``
+      leaves no time to finish a long one); under DDP leaving mid-evaluator would strand the other ranks in a
+      collective, so the ranks skip the remaining evaluators together (:meth:`leave_validation_if_requested`);
+    * ``finished`` (the last checkpoint is saved): stop at once, nothing is lost.
+    """
+
+    def __init__(self, dist: Any = None):
+        self.dist = dist
+        self.phase = "starting"
+        self.signal_name: Optional[str] = None  # the first signal received, if any
+        self._first: Optional[float] = None
+        self._old: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._old)
+
+    def install(self) -> "StopSignals":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread): no handlers
+                pass
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        first = self._first is None
+        if first:
+            self._first, self.signal_name = now, name
+        elif now - self._first < 1.0:
+            return
+        if self.phase == "starting":
+            raise StopNow(f"stopped by {name} during start-up, before the first step: nothing was trained, so there "
+                          "is nothing to save", lost=False)
+        if self.phase == "finished":
+            raise StopNow(f"stopped by {name} after the last checkpoint was saved: nothing is lost", lost=False)
+        if not first:
+            raise StopNow(f"interrupted: a second {name} stopped the run at once, the steps since the last checkpoint "
+                          "were not saved; running the same command again resumes from the newest checkpoint",
+                          lost=True)
+        validating = self.phase == "validating"
+        log.info("received %s: %s, then saving", name, "leaving the validation" if validating else
+                 "finishing the current step")
+        if validating and self.dist is None:
+            raise ValidationInterrupted(name)
+
+    def leave_validation_if_requested(self) -> None:
+        """Between evaluators: raise :class:`ValidationInterrupted` on every rank when any rank was signalled."""
+        requested = self.dist.any_true(self.requested) if self.dist else self.requested
+        if requested:
+            raise ValidationInterrupted(self.signal_name or "a signal to another rank")
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,11 +135,32 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
+def check_rng_state(state: Any) -> None:
+    """Raise (any exception) when :func:`set_rng_state` could not use ``state``; changes no generator."""
+    version, internal, gauss = state["python"]
+    random.Random().setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.RandomState().set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.Generator().set_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and not all(isinstance(s, list) for s in state["cuda"]):
+        raise TypeError("the CUDA generator states are not lists of bytes")
+
+
+def component_types(trainer: ExtensibleTrainer) -> dict[str, dict[str, Optional[str]]]:
+    """The class of each step's optimizer and scheduler: saved with the state, so a resume can say what changed."""
+    def name(obj: Any) -> Optional[str]:
+        return None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+    return {"optimizers": {step.name: name(step.optimizer) for step in trainer.steps},
+            "schedulers": {step.name: name(step.scheduler) for step in trainer.steps}}
+
+
 class TrainLoop:
     """Runs an :class:`ExtensibleTrainer` over the train loader with logging, validation and checkpoints."""
 
     def __init__(self, cfg: Mapping[str, Any], run_dir: Path, trainer: ExtensibleTrainer, make_loader,
-                 validation: Optional[Validation] = None, dist=None, dataset=None):
+                 validation: Optional[Validation] = None, dist=None, dataset=None,
+                 signals: Optional[StopSignals] = None):
         self.cfg, self.run_dir, self.trainer = cfg, Path(run_dir), trainer
         self.make_loader = make_loader  # start_samples -> iterable of batches (resumes mid-epoch)
         # step -> {metric: value} (the same on every rank); None or empty: no validation
@@ -71,6 +175,7 @@ class TrainLoop:
         self.train_cfg, self.log_cfg = cfg["train"], cfg["logger"]
         self.batch_size = cfg["datasets"]["train"]["batch_size"]
         self.stop_requested = False
+        self.signals = signals if signals is not None else StopSignals(dist)
         self.best = ckpt.read_best(self.run_dir)
         self.writer = None
         if self.is_main and self.log_cfg["tensorboard"]:
@@ -80,8 +185,11 @@ class TrainLoop:
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         niter = self.train_cfg["niter"]
-        trainer = self.trainer
-        old_handlers = self._install_signal_handlers()
+        trainer, signals = self.trainer, self.signals
+        own_signals = not signals.installed  # train() installs them itself, to cover the start-up too
+        if own_signals:
+            signals.install()
+        signals.phase = "training"
         window: dict[str, Any] = {"logs": {}, "n": 0, "data_time": 0.0, "start": time.perf_counter()}
         progress = self._progress(trainer.iteration, niter)
         batches = iter(self.make_loader(trainer.iteration * self.batch_size))
@@ -92,8 +200,8 @@ class TrainLoop:
                 window["data_time"] += time.perf_counter() - tick
                 logs = trainer.train_step(batch)
                 step = trainer.iteration
-                if self.dist:  # a signal may reach one rank only; every rank must stop (and save) together
-                    self.stop_requested = self.dist.any_true(self.stop_requested)
+                # a signal may reach one rank only; every rank must stop (and save) together
+                self.stop_requested = self.dist.any_true(signals.requested) if self.dist else signals.requested
                 self._accumulate(window, logs)
                 progress.update(1)
                 if step % self.log_cfg["print_freq"] == 0 or step == niter:
@@ -101,20 +209,22 @@ class TrainLoop:
                 if self.log_cfg["visuals"] and step % self.log_cfg["visual_freq"] == 0:
                     self._write_visuals(step)
                 new_best = False
-                if self.validation and self.train_cfg["val_freq"] and (
+                if self.validation and self.train_cfg["val_freq"] and not self.stop_requested and (
                         step % self.train_cfg["val_freq"] == 0 or step == niter):
                     new_best = self._validate(step)
                 max_bad = self.train_cfg["max_bad_steps"]  # 0: never stop
                 if max_bad and trainer.bad_steps >= max_bad:
                     self.save(step)
                     raise TrainingStopped(
-                        f"{trainer.bad_steps} steps in a row had non-finite losses or gradients (see the warnings "
+                        f"{int(trainer.bad_steps)} steps in a row had non-finite losses or gradients (see the warnings "
                         f"above); saved checkpoint {step}. Lower the learning rate, enable grad_clip, or use bf16 "
                         f"instead of fp16, then resume.")
                 if step % self.log_cfg["save_checkpoint_freq"] == 0 or new_best:
                     self.save(step)
+            stop_workers(batches)  # before the last save, so that nothing after it waits for loader workers
             if self.last_saved != trainer.iteration:
                 self.save(trainer.iteration)
+            signals.phase = "finished"
             if self.stop_requested:
                 log.info("stopped by signal at step %d; checkpoint saved, resume by running the same command",
                          trainer.iteration)
@@ -124,35 +234,10 @@ class TrainLoop:
         finally:
             stop_workers(batches)
             progress.close()
-            self._restore_signal_handlers(old_handlers)
+            if own_signals:
+                signals.restore()
             if self.writer:
                 self.writer.close()
-
-    # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> dict:
-        first_signal: list[float] = []
-
-        def request_stop(signum: int, frame: Any) -> None:
-            # torchrun forwards SIGINT then SIGTERM within a millisecond, and a terminal's Ctrl-C reaches every
-            # rank too: only a second signal a second or more after the first means "stop now, don't save".
-            if first_signal and time.monotonic() - first_signal[0] >= 1.0:
-                raise KeyboardInterrupt
-            if not first_signal:
-                first_signal.append(time.monotonic())
-                log.info("received %s: finishing the current step, then saving", signal.Signals(signum).name)
-            self.stop_requested = True
-
-        old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                old[sig] = signal.signal(sig, request_stop)
-            except ValueError:  # not the main thread (e.g. a test runner thread): no handlers
-                pass
-        return old
-
-    def _restore_signal_handlers(self, old: dict) -> None:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
     # ------------------------------------------------------------------ logging
     def _progress(self, start: int, total: int):
@@ -218,8 +303,20 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ validation
     def _validate(self, step: int) -> bool:
-        """Run the evaluators; return whether the ``logger.keep_best`` metric improved."""
-        metrics = self.validation(step)
+        """Run the evaluators; return whether the ``logger.keep_best`` metric improved.
+
+        A stop signal leaves the validation (see :class:`StopSignals`): what remains of it is skipped, no metric is
+        recorded, and the loop saves at once.
+        """
+        self.signals.phase = "validating"
+        try:
+            metrics = self.validation(step)
+        except ValidationInterrupted as exc:
+            log.warning("validation at step %d left early (%s): its remaining work is skipped", step, exc)
+            self.stop_requested = True
+            return False
+        finally:
+            self.signals.phase = "training"
         self.last_metrics = metrics
         if self.is_main and self.writer:
             for key, images in self.validation.images.items():
@@ -257,34 +354,22 @@ class TrainLoop:
         state = self.trainer.state_dict()
         state["samples"] = step * self.batch_size
         state["rng"] = self.dist.gather_rng(rng_state()) if self.dist else {0: rng_state()}
+        state["types"] = component_types(self.trainer)
         self.last_saved = step
         if not self.is_main:
             return
         try:
             folder = ckpt.save_checkpoint(self.run_dir, step, self.trainer.weights(), state)
-        except OSError as exc:  # disk full, permissions: stop loudly, never train on unsaved
+            if self.best and self.best["step"] == step:
+                ckpt.write_best(self.run_dir, self.best["metric"], self.best["value"], step)
+        except ckpt.SaveError as exc:  # disk full, quota, permissions: stop loudly, never train on unsaved
             raise TrainingStopped(f"saving checkpoint {step} under {ckpt.checkpoint_root(self.run_dir)} failed: "
                                   f"{exc}. Earlier checkpoints are intact; free space or fix permissions, then "
                                   "run the same command to resume.") from exc
-        if self.best and self.best["step"] == step:
-            ckpt.write_best(self.run_dir, self.best["metric"], self.best["value"], step)
         protect = [self.best["step"]] if self.best else []
         deleted = ckpt.prune_checkpoints(self.run_dir, self.log_cfg["keep_checkpoints"], self.log_cfg["keep_every"],
                                          protect)
         log.info("saved checkpoint %s%s", folder, f" (pruned {deleted})" if deleted else "")
-
-
-def restore(trainer: ExtensibleTrainer, folder: Path, rank: int = 0) -> None:
-    """Load a checkpoint folder into ``trainer`` and the process RNGs (the run continues bit-identically)."""
-    state = ckpt.load_state(folder)
-    stems = [p.name[: -len(".safetensors")] for p in Path(folder).glob("*.safetensors")]
-    weights = {stem: ckpt.load_weights(folder, stem) for stem in stems}
-    trainer.load_state_dict(state, weights)
-    rng = state.get("rng", {})
-    if rank in rng:
-        set_rng_state(rng[rank])
-    elif rng:
-        log.warning("the checkpoint has no RNG state for rank %d (different world size?): reseeding", rank)
 
 
 def peak_memory_mb(device: torch.device) -> float:
