@@ -194,6 +194,28 @@ def test_non_finite_loss_skips_the_update_and_counts_it():
     assert trainer.bad_steps == 0 and trainer.bad_total == 1
 
 
+def test_a_fused_optimizer_skips_a_non_finite_update_on_the_device_and_the_ema_with_it():
+    cfg = base_cfg(ema={"rate": 0.9})
+    cfg["steps"]["gen"]["optimizer"] = {"type": "test_fused_adam", "lr": 1e-2}
+    trainer = build(cfg)
+    assert trainer.steps[0].optimizer.defaults["fused"]
+    good, bad = batches(2)
+    trainer.train_step(good)  # the shadow now lags the weights, so a wrong EMA update would move it
+    before = copy.deepcopy(trainer.networks["gen"].state_dict())
+    shadow = copy.deepcopy(trainer.ema.primary("gen").state_dict())
+    bad["hq"][0, 0, 0, 0] = float("nan")
+    logs = trainer.train_step(bad)
+    assert trainer.bad_steps == 1 and float(logs["skipped/gen"]) == 1.0
+    for k, v in trainer.networks["gen"].state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for k, v in trainer.ema.primary("gen").state_dict().items():
+        assert torch.equal(v, shadow[k]), k
+    assert all(float(s["step"]) == 1 for s in trainer.steps[0].optimizer.state.values())
+    trainer.train_step(good)
+    assert trainer.bad_steps == 0 and trainer.bad_total == 1
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.networks["gen"].state_dict().items())
+
+
 def test_ema_follows_the_exponential_average():
     net = torch.nn.Linear(2, 2)
     ema = EMA({"n": net}, rates=[0.9, 0.5])

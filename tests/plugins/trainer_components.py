@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dlas.registry import DATASETS, EVALUATORS, NETWORKS
+from dlas.registry import DATASETS, EVALUATORS, NETWORKS, OPTIMIZERS
 
 
 @NETWORKS.register("test_conv")
@@ -82,3 +82,9 @@ class ScriptedMetric:
 
     def is_higher_better(self, metric: str) -> bool:
         return True
+
+
+@OPTIMIZERS.register("test_fused_adam")
+def fused_adam(params, lr: float = 1e-2):
+    """torch's fused Adam, even on the CPU: the implementation DLAS picks on CUDA (trainer tests)."""
+    return torch.optim.Adam([p for _, p in params], lr=lr, fused=True)

@@ -42,20 +42,27 @@ class EMA:
         return min(rate, (1 + self.updates) / (self.warmup + self.updates))
 
     @torch.no_grad()
-    def update(self, step: int, names: Sequence[str] | None = None) -> None:
-        """Average the current weights of ``names`` (default: all) into every shadow."""
+    def update(self, step: int, names: Sequence[str] | None = None, applied: Optional[torch.Tensor] = None) -> None:
+        """Average the current weights of ``names`` (default: all) into every shadow.
+
+        ``applied`` (a 0-d bool tensor): whether the optimizer step just taken was applied; a skipped one (the
+        NaN guard's) leaves the shadows as they were, decided on the device without a host sync. It still
+        counts towards the warm-up.
+        """
         if step < self.start:
             return
         names = self.names if names is None else [n for n in names if n in self.sources]
         first = step == self.start
         for rate in self.rates:
-            decay = 0.0 if first else self.decay(rate)
+            weight = 1.0 - (0.0 if first else self.decay(rate))
+            if applied is not None:
+                weight = applied.float() * weight
             for name in names:
                 src = list(self.sources[name].parameters())
                 dst = list(self.shadows[rate][name].parameters())
-                torch._foreach_lerp_(dst, src, 1.0 - decay)
+                torch._foreach_lerp_(dst, src, weight)
                 for b_dst, b_src in zip(self.shadows[rate][name].buffers(), self.sources[name].buffers()):
-                    b_dst.copy_(b_src)
+                    b_dst.copy_(b_src if applied is None else torch.where(applied, b_src, b_dst))
         self.updates += 1
 
     def primary(self, name: str) -> torch.nn.Module:

@@ -133,17 +133,19 @@ class Step:
             logged["total"] = total.detach() * micro_batches
         return logged
 
-    def optimize(self, losses_finite: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
+    def optimize(self, losses_finite: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Clip, check and apply the accumulated gradients.
 
         Returns the gradient norm of each trained network and of all of them (``"total"``), and whether the
-        update was applied: a non-finite loss or gradient norm skips it (the NaN/Inf guard). This is the step's
-        one host sync.
+        update was applied, as a 0-d bool tensor: a non-finite loss or gradient norm skips it (the NaN/Inf
+        guard). A fused optimizer (torch's choice on CUDA) skips it on the device, through the ``found_inf``
+        that it reads like the grad scaler's, so the step never waits for the host; another optimizer needs the
+        answer on the host first: that is then the step's one host sync.
         """
         grads = {net: [p.grad for p in params if p.grad is not None] for net, params in self.params_by_network.items()}
         grads = {net: g for net, g in grads.items() if g}
         if not grads:
-            return {"total": torch.zeros(())}, bool(losses_finite)
+            return {"total": torch.zeros(())}, losses_finite.reshape(())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norms = {net: fsdp.full(total_norm(g)) for net, g in grads.items()}  # FSDP: reduced over the shards
@@ -154,12 +156,15 @@ class Step:
         if self.scaler:
             # The scaler skips steps whose gradients overflowed and lowers its scale: that is fp16's normal
             # dynamics, not a bad step, so only a non-finite loss counts as one.
-            ok = bool(losses_finite)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            return norms, ok
-        ok = bool(torch.isfinite(norms["total"]) & losses_finite)
-        if ok:
+            return norms, losses_finite.reshape(())
+        ok = (torch.isfinite(norms["total"]) & losses_finite).reshape(())
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.grad_scale = None
+            self.optimizer.found_inf = (~ok).float()
+            self.optimizer.step()
+        elif bool(ok):
             self.optimizer.step()
         return norms, ok
 

@@ -75,8 +75,10 @@ class ExtensibleTrainer:
         self.mega_batch_factor = train["mega_batch_factor"]
         self.strategy = train["distributed"] if dist is not None else None  # ddp | fsdp under torchrun
         self.iteration = 0  # completed iterations
-        self.bad_steps = 0  # consecutive skipped updates (NaN/Inf guard)
-        self.bad_total = 0
+        # NaN/Inf guard: consecutive and total skipped updates, kept on the device so that no step waits for the
+        # host to learn whether it was finite (read them at print time)
+        self.bad_steps = torch.zeros((), dtype=torch.long, device=device)
+        self.bad_total = torch.zeros((), dtype=torch.long, device=device)
 
         self.networks: dict[str, torch.nn.Module] = {}
         self.frozen: dict[str, Any] = {}
@@ -263,16 +265,11 @@ class ExtensibleTrainer:
             norms, ok = step.optimize(losses_finite)
             logs[f"{step.name}/grad_norm"] = norms.pop("total").detach()
             logs.update({f"grad_norm/{net}": norm.detach() for net, norm in norms.items()})
-            if ok:
-                self.bad_steps = 0
-                if self.ema:
-                    self.ema.update(it, sorted(trainable))
-            else:
-                self.bad_steps += 1
-                self.bad_total += 1
-                bad = [k for k, v in logs.items() if k.startswith(f"{step.name}/") and not torch.isfinite(v).all()]
-                log.warning("step %d: non-finite %s in step '%s'; update skipped (%d in a row)", it,
-                            ", ".join(bad) or "gradient", step.name, self.bad_steps)
+            logs[f"skipped/{step.name}"] = (~ok).float()  # the window's mean: the fraction of updates skipped
+            self.bad_steps = torch.where(ok, 0, self.bad_steps + 1)
+            self.bad_total = self.bad_total + (~ok).long()
+            if self.ema:
+                self.ema.update(it, sorted(trainable), applied=ok)
         self._restore_grads()
         with warnings.catch_warnings():
             # a gated-off step's scheduler advances before its optimizer ever stepped; that is intended here
@@ -398,8 +395,8 @@ class ExtensibleTrainer:
                 steps[step.name]["optimizer"] = fsdp.optimizer_state_dict(self._step_networks(step), step.optimizer)
         return {
             "step": self.iteration,
-            "bad_steps": self.bad_steps,
-            "bad_total": self.bad_total,
+            "bad_steps": int(self.bad_steps),
+            "bad_total": int(self.bad_total),
             "ema_updates": self.ema.updates if self.ema else 0,
             "steps": steps,
         }
@@ -421,5 +418,5 @@ class ExtensibleTrainer:
             else:
                 log.warning("the checkpoint has no optimizer state for step '%s': it starts fresh", step.name)
         self.iteration = state["step"]
-        self.bad_steps = state.get("bad_steps", 0)
-        self.bad_total = state.get("bad_total", 0)
+        self.bad_steps = torch.tensor(int(state.get("bad_steps", 0)), device=self.device)
+        self.bad_total = torch.tensor(int(state.get("bad_total", 0)), device=self.device)
