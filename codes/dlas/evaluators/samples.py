@@ -37,7 +37,8 @@ class SamplesEvaluator(Evaluator):
       count: samples per input.
       seed: the seed of the first input (input i uses seed + i).
       max_items: how many dataset items to sample for.
-      image_key / caption_key / reference_key: where an item keeps its conditioning image, caption and reference.
+      image_key / caption_key / reference_key: where an item keeps its conditioning image, caption and reference;
+        ``caption_key: null`` ignores the items' captions (an upsampler of captioned images).
       metrics: any of ``psnr``, ``ssim``, ``lpips`` (RGB, whole image), against the reference.
       options: the task's own options (e.g. ``{steps: 50}`` for a diffusion sampler).
       save_images: write every sample as a PNG as well as the grid.
@@ -47,7 +48,7 @@ class SamplesEvaluator(Evaluator):
 
     def __init__(self, task: Optional[str] = None, network: str = "generator", dataset: Optional[str] = None,
                  captions: list[str] = (), count: int = 4, seed: int = 0, max_items: int = 8,
-                 image_key: str = "lq", caption_key: str = "caption", reference_key: str = "hq",
+                 image_key: str = "lq", caption_key: Optional[str] = "caption", reference_key: str = "hq",
                  metrics: list[Metric] = ("psnr",), options: Optional[dict[str, Any]] = None,
                  save_images: bool = False):
         if count < 1:
@@ -79,7 +80,8 @@ class SamplesEvaluator(Evaluator):
                 if not isinstance(item, dict):
                     raise DataError(f"the 'samples' evaluator needs dict items, got {type(item).__name__}",
                                     f"datasets.{self.dataset_name}")
-                inputs.append((item.get(self.image_key), item.get(self.caption_key), item.get(self.reference_key)))
+                inputs.append((item.get(self.image_key), item.get(self.caption_key) if self.caption_key else None,
+                               item.get(self.reference_key)))
         if not inputs:
             inputs = [(None, None, None)]
         return [(Request(f"{i:03d}", image=image, caption=caption, seed=self.seed + i, count=self.count), reference)
