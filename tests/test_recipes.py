@@ -52,6 +52,7 @@ TINY = {
                       "datasets.val={type: single_image, paths: ['skimage:chelsea'], scale: 4}",
                       "eval.srflow.center_crop=32", "eval.srflow.max_images=1"],
     "diffusion_sr_x4.yml": DATA + TINY_UNET + ["datasets.train.target_size=32", "datasets.val.target_size=32"],
+    "triforce_diffusion_shapes.yml": TINY_UNET + ["datasets.train.batch_size=2", "datasets.val.count=1"],
     "triforce_dvae_shapes.yml": TINY_DVAE + ["datasets.val.count=2"],
     "triforce_dvae_photos256.yml": TINY_DVAE + PHOTOS,
     "switched_vae.yml": TINY_SWITCHED_VAE,
