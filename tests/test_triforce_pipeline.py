@@ -1,0 +1,107 @@
+"""scripts/triforce_sample.py: caption -> transformer tokens -> dVAE decode -> diffusion upsampling -> PNG, on tiny
+untrained runs (the pipeline, not the quality: scripts/bench/triforce_colors.py measures that)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dlas import checkpoint as ckpt
+from dlas.inference import load_image
+from dlas.registry import NETWORKS
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+spec = importlib.util.spec_from_file_location("triforce_sample", REPO / "scripts" / "triforce_sample.py")
+triforce_sample = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(triforce_sample)
+
+DVAE = {"type": "dvae", "codebook_size": 16, "width": 8, "codebook_dim": 8, "downsample": 4}
+DALLE = {"type": "dalle", "tokenizer": "bytes", "text_vocab_size": 258, "text_length": 64, "image_vocab_size": 16,
+         "image_grid": 4, "width": 16, "depth": 1, "heads": 2}
+UNET = {"type": "diffusion_unet", "scale": 2, "model_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
+        "attention_at": [2], "norm_groups": 4, "num_heads": 2}
+DIFFUSION_STEPS = {"upsample": {"training": ["generator"], "optimizer": {"type": "adam"}, "injectors": {
+    "diffusion": {"type": "gaussian_diffusion", "network": "generator", "timesteps": 50, "sampling_steps": 3}},
+    "losses": {"mse": {"type": "direct", "key": "mse"}}}}
+CAPTION = "a large red circle in the center on a blue background"
+
+
+def make_run(folder: Path, networks: dict, steps: dict | None = None) -> Path:
+    """A run folder as training leaves it: config.yml and one complete checkpoint (random weights, EMA too)."""
+    folder.mkdir(parents=True)
+    (folder / "config.yml").write_text(yaml.safe_dump({"name": folder.name, "networks": networks,
+                                                       "steps": steps or {}}))
+    torch.manual_seed(len(folder.name))
+    weights = {}
+    for name, entry in networks.items():
+        state = NETWORKS.build(dict(entry), f"networks.{name}").state_dict()
+        weights.update({name: state, f"{name}_ema": state})
+    ckpt.save_checkpoint(folder, 5, weights, {"step": 5})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("triforce")
+    return {"dvae": make_run(root / "dvae", {"dvae": DVAE}),
+            "dalle": make_run(root / "dalle", {"dalle": DALLE, "dvae": DVAE}),
+            "diffusion": make_run(root / "diffusion", {"generator": UNET}, DIFFUSION_STEPS)}
+
+
+def sample(runs: dict[str, Path], output: Path, *extra) -> int:
+    args = ["--dvae", runs["dvae"], "--dalle", runs["dalle"], "--diffusion", runs["diffusion"], "--output", output,
+            "--device", "cpu", *extra]
+    return triforce_sample.main([str(a) for a in args])
+
+
+def test_a_caption_becomes_n_upsampled_pngs_named_by_caption_and_seed_and_a_grid(runs, tmp_path):
+    assert sample(runs, tmp_path / "out", "--caption", CAPTION, "--n", 3, "--seed", 4, "--save-decodes") == 0
+    stem = "a_large_red_circle_in_the_center_on_a_blue_background_seed4"
+    for k in range(3):
+        assert load_image(tmp_path / "out" / f"{stem}_{k}.png").shape == (3, 32, 32)  # 16 px decode x 2
+        assert load_image(tmp_path / "out" / f"{stem}_{k}_decode.png").shape == (3, 16, 16)
+    assert load_image(tmp_path / "out" / "grid.png").shape == (3, 32 + 4, 3 * 34 + 2)
+
+
+def test_the_same_seed_gives_the_same_pictures_and_another_seed_others(runs, tmp_path):
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert sample(runs, tmp_path / name, "--caption", "red circle", "--n", 2, "--seed", seed, "--steps", 2) == 0
+    first = load_image(tmp_path / "a" / "red_circle_seed1_1.png")
+    assert torch.equal(first, load_image(tmp_path / "b" / "red_circle_seed1_1.png"))
+    assert not torch.equal(first, load_image(tmp_path / "c" / "red_circle_seed2_1.png"))
+
+
+def test_captions_are_read_from_a_file_one_per_line(runs, tmp_path):
+    (tmp_path / "captions.txt").write_text("# shapes\nred circle\n\nsmall blue square\n")
+    assert sample(runs, tmp_path / "out", "--captions", tmp_path / "captions.txt", "--n", 1, "--steps", 2) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["grid.png", "red_circle_seed0_0.png",
+                                                                    "small_blue_square_seed0_0.png"]
+    assert load_image(tmp_path / "out" / "grid.png").shape == (3, 2 * 34 + 2, 34 + 2)
+
+
+@pytest.mark.parametrize("flag, broken, message", [
+    ("--dalle", "missing", "does not exist"),
+    ("--diffusion", "no_checkpoint", "no complete checkpoint"),
+    ("--dvae", "wrong_kind", "has no dvae network"),
+])
+def test_a_wrong_or_incomplete_run_folder_is_exit_2_naming_it(runs, tmp_path, capsys, flag, broken, message):
+    folder = tmp_path / broken
+    if broken == "no_checkpoint":
+        folder.mkdir()
+        (folder / "config.yml").write_text((runs["diffusion"] / "config.yml").read_text())
+    elif broken == "wrong_kind":
+        folder = runs["diffusion"]
+    bad = {**runs, flag[2:]: folder}
+    assert sample(bad, tmp_path / "out", "--caption", CAPTION) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag}: {folder}" in err and message in err and "Traceback" not in err
+
+
+def test_no_caption_is_exit_2(runs, tmp_path, capsys):
+    assert sample(runs, tmp_path / "out") == 2
+    assert "error: --caption" in capsys.readouterr().err
