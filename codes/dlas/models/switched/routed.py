@@ -32,6 +32,7 @@ def _onednn_linear_available() -> bool:
 
 
 ONEDNN_LINEAR = _onednn_linear_available()
+ROW_MULTIPLE = 128
 
 
 def linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -42,7 +43,13 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     which is what the dense convolution (also oneDNN) is compared against. Elsewhere it is ``F.linear``.
     """
     if ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16):
-        return torch.ops.mkldnn._linear_pointwise(a, weight, bias, "none", [], "")
+        # oneDNN compiles a kernel per shape (~10 ms each; cached): rounding the rows up to a multiple of
+        # ROW_MULTIPLE keeps the number of shapes small while the experts' pixel counts change every step
+        rows = a.shape[0]
+        extra = -rows % ROW_MULTIPLE
+        if extra:
+            a = torch.cat([a, a.new_zeros(extra, a.shape[1])])
+        return torch.ops.mkldnn._linear_pointwise(a, weight, bias, "none", [], "")[:rows]
     return F.linear(a, weight, bias)
 
 
@@ -78,7 +85,7 @@ def group_by_expert(winner: torch.Tensor, experts: int) -> tuple[torch.Tensor, l
 def _chunks(counts: list[int], row_bytes: int, device: torch.device):
     """``(expert, start, end)`` row ranges of the sorted pixels, one expert per range, sized for the cache."""
     budget = CPU_CHUNK_BYTES if device.type == "cpu" else GPU_CHUNK_BYTES
-    rows = max(16, budget // max(row_bytes, 1))
+    rows = max(ROW_MULTIPLE, budget // max(row_bytes, 1) // ROW_MULTIPLE * ROW_MULTIPLE)
     start = 0
     for expert, count in enumerate(counts):
         for begin in range(start, start + count, rows):
