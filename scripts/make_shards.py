@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from dlas.data.file_index import list_folder
 from dlas.data.image_file import UnreadableImage, decode_image
+from dlas.data.text_image import sidecar_captions
 
 MANIFEST = "manifest.json"
 
@@ -43,12 +44,8 @@ def sample_key(relative: str) -> str:
 
 
 def read_captions(image: str) -> str:
-    """The image's side-car captions (non-empty lines, stripped) joined by newlines; '' when none."""
-    try:
-        text = Path(image).with_suffix(".txt").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return "\n".join(line.strip() for line in text.splitlines() if line.strip())
+    """The image's side-car captions, as the text_image dataset reads them, one per line; '' when none."""
+    return "\n".join(sidecar_captions(image))
 
 
 def check(path: str) -> str:

@@ -122,6 +122,18 @@ def test_target_size_resizes_the_shorter_side_then_crops(shards):
     assert np.array_equal(native[(0, 0)]["hq"].numpy().transpose(1, 2, 0), source[5:15, 9:19])
 
 
+def test_a_flipped_item_has_left_and_right_swapped_in_its_caption(tmp_path):
+    pixels = np.zeros((6, 6, 3), np.uint8)
+    pixels[:, :3] = 255  # white on the left
+    shard = write_tar(tmp_path / "s.tar", {"x.png": png_bytes(pixels), "x.txt": b"white on the left"})
+    dataset = DATASETS.build({"type": "tar_shards", "shards": str(shard), "use_flip": True}, "d")
+    items = [dataset[(epoch, 0)] for epoch in range(8)]
+    assert {item["caption"] for item in items} == {"white on the left", "white on the right"}
+    for item in items:
+        white_left = bool(item["hq"][:, :, 0].mean() > 0.5)
+        assert item["caption"] == ("white on the left" if white_left else "white on the right")
+
+
 def test_the_index_is_cached_next_to_a_shard_and_rebuilt_when_the_shard_changes(tmp_path):
     pixels = np.full((6, 6, 3), 40, np.uint8)
     shard = write_tar(tmp_path / "a.tar", {"x.png": png_bytes(pixels), "x.txt": b"one"})

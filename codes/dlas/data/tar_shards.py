@@ -29,10 +29,10 @@ from typing import Any, Literal
 import numpy as np
 
 from dlas.data.base import BadImage, SeededDataset
-from dlas.data.degradations import resize_image
 from dlas.data.file_index import cache_dir
 from dlas.data.image_file import IMAGE_EXTENSIONS, UnreadableImage, decode_image_bytes, to_rgb_float
-from dlas.data.transforms import to_tensor
+from dlas.data.text_image import center_crop, mirror_caption, shorter_side_to
+from dlas.data.transforms import random_crop, to_tensor
 from dlas.errors import ConfigError, DataError
 from dlas.registry import DATASETS
 
@@ -176,7 +176,8 @@ class TarShardDataset(SeededDataset):
         keeping the whole caption true (default true); false crops at the stored resolution and skips images
         smaller than target_size.
     crop: ``random`` (default) or ``center`` square crop of target_size.
-    use_flip: random horizontal flips (default false: a flip makes "on the left" captions wrong).
+    use_flip: random horizontal flips, with "left" and "right" swapped in the caption (default false).
+    caption_choice: ``random`` (default: one of the sample's caption lines per item) or ``first``.
     on_bad_image: ``skip`` (default) replaces an undecodable or truncated image, a missing or empty caption and
         a too-small image by another item and warns once (``bad_count`` counts them); ``error`` stops.
     cache_index: keep shard indexes on disk (default true); false indexes every shard at every start.
@@ -186,6 +187,7 @@ class TarShardDataset(SeededDataset):
 
     def __init__(self, shards: str | list[str], target_size: int | None = None, resize: bool = True,
                  crop: Literal["random", "center"] = "random", use_flip: bool = False,
+                 caption_choice: Literal["random", "first"] = "random",
                  on_bad_image: Literal["skip", "error"] = "skip", cache_index: bool = True):
         super().__init__(on_bad_image)
         import_webdataset()
@@ -203,6 +205,7 @@ class TarShardDataset(SeededDataset):
         self.resize = resize
         self.crop = crop
         self.use_flip = use_flip
+        self.caption_choice = caption_choice
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -236,26 +239,15 @@ class TarShardDataset(SeededDataset):
             image = decode_image_bytes(read_member(self.shards[shard], image_offset, image_size))
         except UnreadableImage as exc:
             raise BadImage(name, str(exc)) from exc
-        caption = captions[int(rng.integers(len(captions)))]
-        return {"hq": to_tensor(self._crop(image, name, rng)), "caption": caption, "path": name}
-
-    def _crop(self, image: np.ndarray, name: str, rng: np.random.Generator) -> np.ndarray:
-        """The item's float RGB image: resized and cropped to target_size when one is set, maybe flipped."""
-        height, width = image.shape[:2]
-        size = self.target_size
-        if size is not None and not self.resize and min(height, width) < size:
-            raise BadImage(name, f"{width}x{height} is smaller than target_size {size}")
+        caption = captions[0] if self.caption_choice == "first" else captions[int(rng.integers(len(captions)))]
+        side = self.target_size
+        if side is not None and not self.resize and min(image.shape[:2]) < side:
+            raise BadImage(name, f"{image.shape[1]}x{image.shape[0]} is smaller than target_size {side} "
+                                 "(resize: true scales it)")
         image = to_rgb_float(image)
-        if size is not None:
-            if self.resize:
-                scale = size / min(height, width)
-                height, width = max(size, round(height * scale)), max(size, round(width * scale))
-                image = np.clip(resize_image(image, height, width, "bicubic"), 0.0, 1.0)
-            if self.crop == "center":
-                top, left = (height - size) // 2, (width - size) // 2
-            else:
-                top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-            image = image[top:top + size, left:left + size]
+        if side is not None:  # as text_image does, so shards and folders of the same photos give the same items
+            image = shorter_side_to(image, side) if self.resize else image
+            image = random_crop(image, side, rng) if self.crop == "random" else center_crop(image, side)
         if self.use_flip and rng.random() < 0.5:
-            image = image[:, ::-1]
-        return np.ascontiguousarray(image)
+            image, caption = image[:, ::-1], mirror_caption(caption)
+        return {"hq": to_tensor(np.ascontiguousarray(image)), "caption": caption, "path": name}
