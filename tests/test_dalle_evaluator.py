@@ -29,16 +29,24 @@ def draw(caption: str) -> torch.Tensor:
 
 @TASKS.register("test_draw_caption")
 class DrawCaption(Task):
-    """Draws exactly what the caption says, or (``fixed``) always the same scene (test only)."""
+    """Draws exactly what the caption says, always the first caption's scene, or a picture the shapes classifier
+    cannot read (a bright spot inside a darker square on gray: its coverage sums below zero) (test only)."""
 
     accepts = frozenset({"caption"})
 
-    def __init__(self, networks, config, device, autocast, network: str = "painter", fixed: bool = False):
+    def __init__(self, networks, config, device, autocast, network: str = "painter",
+                 draws: str = "caption"):
         super().__init__(networks, config, device, autocast)
-        self.fixed = fixed
+        self.draws = draws
 
     def __call__(self, request: Request) -> torch.Tensor:
-        return draw(CAPTIONS[0] if self.fixed else request.caption)[None].repeat(request.count, 1, 1, 1)
+        if self.draws == "unreadable":
+            image = torch.full((3, 32, 32), 128 / 255)
+            image[:, 8:24, 8:24] = 70 / 255
+            image[:, 14:18, 14:18] = 1.0
+        else:
+            image = draw(CAPTIONS[0] if self.draws == "fixed" else request.caption)
+        return image[None].repeat(request.count, 1, 1, 1)
 
 
 def evaluate(tmp_path, **options) -> dict[str, float]:
@@ -59,7 +67,7 @@ def test_images_showing_their_captions_score_one_on_every_attribute(tmp_path):
 def test_images_ignoring_their_captions_score_what_they_share(tmp_path):
     # always the first caption's scene: right for the first caption's samples, wrong on every attribute for the
     # second (which differs in all five)
-    metrics = evaluate(tmp_path, options={"fixed": True})
+    metrics = evaluate(tmp_path, options={"draws": "fixed"})
     assert metrics == {"background": 0.5, "color": 0.5, "shape": 0.5, "size": 0.5, "position": 0.5, "all": 0.5}
 
 
@@ -67,3 +75,8 @@ def test_a_caption_the_shapes_world_cannot_read_is_a_config_error():
     with pytest.raises(ConfigError) as error:
         EVALUATORS.build({"type": "shapes_accuracy", "captions": ["a photo of a cat"]})
     assert error.value.problems[0].path == "captions[0]"
+
+
+def test_a_sample_the_classifier_cannot_read_counts_as_wrong_instead_of_stopping_validation(tmp_path):
+    metrics = evaluate(tmp_path, options={"draws": "unreadable"})
+    assert metrics["all"] == 0.0 and metrics["background"] == 0.0
