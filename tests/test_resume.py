@@ -77,10 +77,11 @@ def run(tmp: Path, name: str, niter: int, **kw) -> Path:
 
 
 def logged_losses(run_dir: Path) -> dict[int, str]:
-    """``step -> 'key=value ...'`` of the loss lines in train.log (timing values left out)."""
+    """``step -> 'key=value ...'`` of the loss lines in train.log (``step N/NITER (speed, eta) key=value ...``;
+    timing values left out)."""
     lines = {}
     for line in (run_dir / "train.log").read_text().splitlines() if (run_dir / "train.log").exists() else []:
-        match = re.search(r"step (\d+) (.*)", line)
+        match = re.search(r"step (\d+)/\d+ \([^)]*\) (.*)", line)
         if match:
             kept = [kv for kv in match.group(2).split() if not kv.startswith(("perf/", "train/", "data/"))]
             lines[int(match.group(1))] = " ".join(kept)

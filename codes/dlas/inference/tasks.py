@@ -54,6 +54,7 @@ class Task:
     needs: frozenset[str] = frozenset()
     accepts: frozenset[str] = frozenset()
     scored: ClassVar[bool] = False
+    usage: ClassVar[str] = "--output OUT/"  # dlas-test's arguments for it, as the end of a run suggests them
 
     def __init__(self, networks: Mapping[str, torch.nn.Module], config: Mapping[str, Any], device: torch.device,
                  autocast: Callable[[], ContextManager]):
@@ -114,6 +115,7 @@ class UpscaleTask(Task):
 
     needs = frozenset({"image"})
     scored = True
+    usage = "--input IMAGES/ --output OUT/"
 
     def __init__(self, networks: Mapping[str, torch.nn.Module], config: Mapping[str, Any], device: torch.device,
                  autocast: Callable[[], ContextManager], network: Optional[str] = None, tile: Optional[int] = None,
@@ -200,6 +202,8 @@ class ReconstructTask(Task):
 
     needs = frozenset({"image"})
     scored = True
+    scale_factor = 1
+    usage = "--input IMAGES/ --output OUT/"
 
     def __init__(self, networks: Mapping[str, torch.nn.Module], config: Mapping[str, Any], device: torch.device,
                  autocast: Callable[[], ContextManager], network: Optional[str] = None):
@@ -209,8 +213,6 @@ class ReconstructTask(Task):
         inner = getattr(self.net, "module", self.net)
         self.forward = getattr(inner, "reconstruct", self.net)
         self.multiple = int(getattr(inner, "size_multiple", 1))
-
-    scale_factor = 1
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
@@ -249,6 +251,8 @@ class SampleTask(Task):
     network: the network to sample from (default: the one the run's evaluator scores, else ``generator``).
     temperature: passed on when set (null: the network's default).
     """
+
+    usage = "--n 8 --seed 0 --output OUT/ (--caption TEXT / --input IMAGES/ where the network takes them)"
 
     def __init__(self, networks: Mapping[str, torch.nn.Module], config: Mapping[str, Any], device: torch.device,
                  autocast: Callable[[], ContextManager], network: Optional[str] = None,

@@ -20,7 +20,9 @@ from dlas import build
 from dlas import checkpoint as ckpt
 from dlas.errors import ConfigError, DataError, Problem
 from dlas.evaluators.base import EvalContext, Validation
-from dlas.trainer.loop import StopSignals, TrainLoop, check_rng_state, set_rng_state
+from dlas.trainer.loop import TrainLoop
+from dlas.trainer.rng import check_rng_state, set_rng_state
+from dlas.trainer.signals import StopSignals
 from dlas.trainer.trainer import ExtensibleTrainer
 from dlas.weights import compare_state_dicts
 
@@ -255,7 +257,7 @@ def train(cfg: Mapping[str, Any], run_dir: Path, fresh: bool = False,
     checked and loaded, and only then ``on_start()`` is called (the CLI writes ``config.yml`` there), interrupted
     saves of dead processes are cleaned up, and the first step runs. ``fresh``: do not resume from ``run_dir``
     (``on_start`` moves the old folder aside). SIGINT/SIGTERM are handled from the first line on
-    (:class:`~dlas.trainer.loop.StopSignals`).
+    (:class:`~dlas.trainer.signals.StopSignals`).
     """
     signals = StopSignals().install()
     try:
