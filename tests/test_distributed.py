@@ -42,15 +42,16 @@ steps:
       d: {{type: generator, network: critic, in: fake, out: dfake}}
     losses:
       d: {{type: direct, key: dfake, weight: -1}}
-train: {{niter: {niter}, mega_batch_factor: 2, dist_timeout: 60}}
+train: {{niter: {niter}, mega_batch_factor: 2, dist_timeout: 60, distributed: {distributed}, ema: {{rate: 0.9}}}}
 logger: {{print_freq: 1, save_checkpoint_freq: 2, tensorboard: false}}
 path: {{root: {root}}}
 """
 
 
-def config(tmp: Path, name: str, niter: int, gen_type: str = "test_conv") -> Path:
+def config(tmp: Path, name: str, niter: int, gen_type: str = "test_conv", distributed: str = "ddp") -> Path:
     path = tmp / f"{name}-{niter}.yml"
-    path.write_text(CONFIG.format(name=name, niter=niter, gen_type=gen_type, root=tmp / "experiments"))
+    path.write_text(CONFIG.format(name=name, niter=niter, gen_type=gen_type, root=tmp / "experiments",
+                                  distributed=distributed))
     return path
 
 
@@ -106,3 +107,24 @@ def test_a_rank_that_raises_ends_the_whole_job(tmp_path, plugin_env):
     assert result.returncode != 0
     assert "deliberate failure on rank 1" in result.stdout + result.stderr
     assert time.time() - start < 120
+
+
+def test_fsdp_on_two_processes_equals_one_process_resumes_and_loads_unsharded(tmp_path, plugin_env):
+    single = launch(config(tmp_path, "single", 4), 1, plugin_env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    whole = launch(config(tmp_path, "sharded", 4, distributed="fsdp"), 2, plugin_env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    a, b = weights(tmp_path, "single", 4), weights(tmp_path, "sharded", 4)
+    assert a.keys() == b.keys() and {"gen_ema/body.0.weight", "critic/conv.weight"} <= set(a)
+    for key in a:  # full, unsharded tensors in ordinary safetensors files
+        assert a[key].shape == b[key].shape and torch.allclose(a[key], b[key], atol=1e-5), key
+    assert launch(config(tmp_path, "halves", 2, distributed="fsdp"), 2, plugin_env).returncode == 0
+    resumed = launch(config(tmp_path, "halves", 4, distributed="fsdp"), 2, plugin_env)
+    assert resumed.returncode == 0 and "resuming from checkpoint" in resumed.stdout + resumed.stderr
+    c = weights(tmp_path, "halves", 4)
+    for key in b:
+        assert torch.allclose(b[key], c[key], atol=1e-6), key
+    from dlas.build import RunNetworks
+
+    loaded = RunNetworks(tmp_path / "experiments" / "sharded")["gen"]  # strict load into a plain network
+    assert torch.equal(loaded.body[0].weight, b["gen_ema/body.0.weight"])

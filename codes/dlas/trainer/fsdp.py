@@ -97,7 +97,13 @@ def load_full_state_dict(net: torch.nn.Module, state: Mapping[str, torch.Tensor]
 
 def optimizer_state_dict(networks: Mapping[str, torch.nn.Module], optimizer: torch.optim.Optimizer) -> dict:
     """The full optimizer state keyed by ``NET.parameter`` names (a collective), like the parameter names the
-    step's optimizer was built with."""
+    step's optimizer was built with.
+
+    An optimizer that has not stepped yet (a step gated on later) is saved as it is, with its empty state:
+    torch's state-dict helpers would first "initialise" it with a zero-learning-rate step, which counts in Adam's
+    bias correction and would make the run differ from one that was never saved."""
+    if not optimizer.state:
+        return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     return get_optimizer_state_dict(torch.nn.ModuleDict(dict(networks)), optimizer, options=_options(to_cpu=True))
@@ -105,6 +111,10 @@ def optimizer_state_dict(networks: Mapping[str, torch.nn.Module], optimizer: tor
 
 def load_optimizer_state_dict(networks: Mapping[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                               state: dict) -> None:
+    """Load a state saved by :func:`optimizer_state_dict` into the sharded networks' optimizer."""
+    if not state["state"]:  # never stepped: only the hyper-parameters, which need no gathering
+        optimizer.load_state_dict(state)
+        return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(torch.nn.ModuleDict(dict(networks)), optimizer, state, options=_options(to_cpu=False))

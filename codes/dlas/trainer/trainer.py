@@ -205,10 +205,14 @@ class ExtensibleTrainer:
         return frozen.active(iteration) if isinstance(frozen, Gate) else frozen
 
     def _set_trainable(self, trainable: set[str]) -> None:
-        """Turn off gradients of networks a step does not train, remembering which ones to turn back on."""
+        """Turn off gradients of networks a step does not train, remembering which ones to turn back on.
+
+        Sharded (FSDP) networks keep theirs: FSDP swaps a module's parameter objects between their sharded and
+        gathered forms, so a flag set on one form is lost on the other. Their gradients from a step that does not
+        train them are cleared by the zero_grad of the step that does."""
         self._restore_grads()
         for name, net in self.networks.items():
-            if name not in trainable:
+            if name not in trainable and name not in self.sharded:
                 params = [p for p in net.parameters() if p.requires_grad]
                 for p in params:
                     p.requires_grad_(False)
@@ -271,6 +275,7 @@ class ExtensibleTrainer:
             if self.ema:
                 self.ema.update(it, sorted(trainable), applied=ok)
         self._restore_grads()
+        self._reshard()
         with warnings.catch_warnings():
             # a gated-off step's scheduler advances before its optimizer ever stepped; that is intended here
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -282,6 +287,12 @@ class ExtensibleTrainer:
         self.iteration = it
         self.last_state = states[0]  # for visuals: one micro-batch, not the whole batch's tensors
         return logs
+
+    def _reshard(self) -> None:
+        """FSDP keeps a network gathered after a forward that no backward followed (a ``grad: false`` injector, the
+        dry run): give the memory back and put the sharded parameters (those the optimizer holds) in place."""
+        for name in self.sharded:
+            self.networks[name].reshard()
 
     def _no_sync(self, trainable: set[str], last: bool) -> contextlib.AbstractContextManager:
         """Suppress DDP's all-reduce (FSDP's reduce-scatter) on every micro-batch but the last, for every network
@@ -325,6 +336,7 @@ class ExtensibleTrainer:
                         raise ConfigError(f"fails on a real training batch ({type(exc).__name__}: {exc})",
                                           f"steps.{step.name}.{name}") from exc
         finally:
+            self._reshard()
             for name, net in self.networks.items():
                 net.train(modes[name])
 
