@@ -117,3 +117,30 @@ def test_a_missing_wandb_package_is_a_config_error_naming_the_extra(tmp_path, mo
     with pytest.raises(ConfigError) as error:
         writer(tmp_path)
     assert error.value.problems[0].path == "logger.wandb" and '.[wandb]' in error.value.problems[0].message
+
+
+def test_training_with_logger_wandb_logs_the_losses_and_a_resume_continues_the_run(tmp_path):
+    """Through the trainer: ``logger.wandb`` in the config logs every printed step's losses to one wandb run,
+    which the resumed half of the run continues."""
+    from test_resume import write_config
+
+    from dlas.config import load_config
+    from dlas.trainer.run import train
+
+    def run(niter: int) -> Path:
+        path = write_config(tmp_path, "wb", niter)
+        path.write_text(path.read_text().replace(
+            "tensorboard: false}", "tensorboard: false, wandb: {project: dlas-tests, tags: [ci]}}"))
+        cfg = load_config(str(path))
+        run_dir = Path(cfg["path"]["root"]) / "wb"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        train(cfg, run_dir)
+        return run_dir
+
+    run_dir = run(3)
+    time.sleep(1.1)  # wandb names a run's folder by the second it started
+    run(6)
+    folders = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2 and len({f.name.rsplit("-", 1)[1] for f in folders}) == 1  # one run, resumed
+    steps = [r["iteration"] for r in history(run_dir) if "gen/pix" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -177,7 +177,8 @@ class NetworkKeys:
     """Per-network switches handled by the trainer."""
 
     channels_last: bool = False
-    compile: bool = False
+    # torch.compile: true (mode default), or a mode; reduce-overhead captures CUDA graphs
+    compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
     checkpointing: bool = False
     frozen: Union[bool, FrozenWindow] = False
     ema: bool = True
@@ -279,6 +280,20 @@ class LoggerSection:
     visuals: list[str] = field(default_factory=list)
     visual_freq: int = _min(1, 500)
     tensorboard: bool = True
+    wandb: Optional[WandbSection] = None  # a second logger with the same scalars and images
+
+
+@dataclass
+class WandbSection:
+    """``logger.wandb``: log to Weights & Biases too (``pip install -e ".[wandb]"``); a resume continues the run."""
+
+    project: str
+    entity: Optional[str] = None
+    name: Optional[str] = None  # null: the run's name
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    notes: Optional[str] = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: offline without an API key or network
 
 
 @dataclass

@@ -41,7 +41,7 @@ def open_writers(cfg: Mapping[str, Any], run_dir: Path) -> Optional[Writers]:
         from dlas.logging.tensorboard import TensorboardWriter
 
         writers.append(TensorboardWriter(Path(run_dir) / "tb"))
-    if cfg["logger"].get("wandb"):
+    if cfg["logger"]["wandb"]:
         from dlas.logging.wandb_writer import WandbWriter
 
         writers.append(WandbWriter(Path(run_dir), cfg["name"], cfg["logger"]["wandb"], config=dict(cfg)))

@@ -48,6 +48,24 @@ def enable_checkpointing(net: torch.nn.Module, name: str) -> int:
     return len(modules)
 
 
+def compiled(net: torch.nn.Module, name: str, mode: Any) -> torch.nn.Module:
+    """``net`` under ``torch.compile`` when its ``compile`` option asks for it (``true``/``default``,
+    ``reduce-overhead``: CUDA graphs, ``max-autotune``), else ``net``.
+
+    Whatever torch cannot compile (a graph break it cannot handle, a backend error) runs eagerly with torch's own
+    warning instead of stopping the run; CUDA graphs are skipped, with torch's log line, where a graph has
+    dynamic shapes or CPU tensors.
+    """
+    if not mode:
+        return net
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # fall back to eager per frame (torch logs why)
+    mode = None if mode in (True, "default") else mode
+    log.info("networks.%s: torch.compile(mode=%s); the first steps are slow while it compiles", name, mode or "default")
+    return torch.compile(net, mode=mode)
+
+
 def split_batch(batch: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
     """Split every tensor/list of ``batch`` along its first dimension into ``parts`` equal micro-batches."""
     if parts == 1:
@@ -117,7 +135,7 @@ class ExtensibleTrainer:
             self._shard([n for n in trained if self.frozen[n] is not True])
         self.runners: dict[str, torch.nn.Module] = {}
         for name, net in self.networks.items():
-            self.runners[name] = torch.compile(net) if cfg["networks"][name]["compile"] else net
+            self.runners[name] = compiled(net, name, cfg["networks"][name]["compile"])
         # DDP: only networks some step trains (and that are not frozen) are wrapped and all-reduced, and a step
         # calls the wrapper only for the networks it trains: the others run as plain modules.
         self.ddp: dict[str, torch.nn.Module] = {}
