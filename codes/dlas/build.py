@@ -155,10 +155,12 @@ def check_pretrained_files(cfg: Mapping[str, Any]) -> None:
 
 # ---------------------------------------------------------------------- trained runs
 def read_run_config(run_dir: Union[str, Path]) -> dict:
-    """The resolved ``config.yml`` of a run folder, with its ``imports:`` plugins imported."""
-    import yaml
+    """The resolved ``config.yml`` of a run folder, with its ``imports:`` plugins imported.
 
+    It is read as untrusted input, with the config loader's limits (alias expansion, depth, size).
+    """
     from dlas.config.load import plugin_path
+    from dlas.config.yaml_io import read_yaml
     from dlas.registry import import_plugins
 
     run_dir = Path(run_dir)
@@ -168,9 +170,9 @@ def read_run_config(run_dir: Union[str, Path]) -> dict:
     if not file.is_file():
         raise DataError("not a run folder: it has no config.yml", str(run_dir))
     try:
-        cfg = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DataError(f"unreadable YAML: {exc}", str(file)) from exc
+        cfg = read_yaml(file, str(file))[0] or {}
+    except ConfigError as exc:  # the file is data here, not the user's config
+        raise DataError(exc.problems) from exc
     if not isinstance(cfg, dict):
         raise DataError("config.yml does not hold a mapping of config sections", str(file))
     # A plugin file is recorded relative to the folder training ran in, which for experiments/NAME is two up.
@@ -231,6 +233,9 @@ class RunNetworks(Mapping[str, torch.nn.Module]):
         self.run_dir = Path(run_dir)
         self.config = config if config is not None else read_run_config(self.run_dir)
         self.step, self.folder = select_checkpoint(self.run_dir, step, best)
+        problems = ckpt.verify_checkpoint(self.folder)
+        if problems:
+            raise DataError(f"checkpoint {self.step} is damaged: {problems[0]}", str(self.folder))
         self.ema = ema
         self.device = torch.device(device)
         self._loaded: dict[str, TrainedNetwork] = {}
@@ -238,16 +243,16 @@ class RunNetworks(Mapping[str, torch.nn.Module]):
     def load(self, name: str, option: str = "--network") -> TrainedNetwork:
         """Network ``name`` with its weights (built once)."""
         if name not in self._loaded:
-            from dlas.weights import load_network_weights
+            from dlas.weights import load_network_state
 
             net = build_network(self.config, name, option)
-            candidates = ([self.folder / f"{name}_ema.safetensors"] if self.ema else [])
-            candidates.append(self.folder / f"{name}.safetensors")
-            file = next((f for f in candidates if f.is_file()), None)
-            if file is None:
+            stems = ([f"{name}_ema"] if self.ema else []) + [name]
+            stem = next((s for s in stems if (self.folder / f"{s}{ckpt.WEIGHTS_SUFFIX}").is_file()), None)
+            if stem is None:
                 raise DataError(f"checkpoint has no weights for network '{name}' ({name}.safetensors)",
                                 str(self.folder))
-            load_network_weights(net, file)
+            file = self.folder / f"{stem}{ckpt.WEIGHTS_SUFFIX}"
+            load_network_state(net, ckpt.load_weights(self.folder, stem), str(file))
             self._loaded[name] = TrainedNetwork(net.to(self.device).eval(), name, self.step, file, self.config)
         return self._loaded[name]
 

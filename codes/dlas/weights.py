@@ -192,7 +192,13 @@ def load_network_weights(net: nn.Module, path: PathLike, strict: bool = True) ->
     loaded. ``strict=False``: every key that fits is loaded and the report says what was skipped.
     """
     path = Path(path)
-    state = extract_state_dict(read_weights_file(path), str(path))
+    return load_network_state(net, extract_state_dict(read_weights_file(path), str(path)), str(path), strict)
+
+
+def load_network_state(net: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                       strict: bool = True) -> LoadReport:
+    """Load a state dict already read (from ``source``, named in errors) into ``net``, as
+    :func:`load_network_weights` does a file."""
     net = _unwrap_network(net)
     if hasattr(net, "convert_state_dict"):
         state = net.convert_state_dict(state)
@@ -200,7 +206,7 @@ def load_network_weights(net: nn.Module, path: PathLike, strict: bool = True) ->
     report = compare_state_dicts(own, state)
     if strict and not report.complete:
         raise DataError(f"weights do not fit {type(net).__name__}: {report.summary()}; fix the network options to "
-                        "match the file, or load non-strictly (strict_load: false) to take what fits", str(path))
+                        "match the file, or load non-strictly (strict_load: false) to take what fits", source)
     skip = {k for k, _, _ in report.mismatched}
     fitting = {k: v for k, v in state.items() if k in own and k not in skip}
     net.load_state_dict(fitting, strict=False)
