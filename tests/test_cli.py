@@ -110,6 +110,16 @@ def test_describe_prints_options_and_docstring(capsys):
     out = capsys.readouterr().out
     assert "A stand-in upsampling network" in out
     assert "nf: integer = 4" in out and "act: 'relu' | 'lrelu' = 'relu'" in out
+    # the keys the trainer handles on every network entry are part of what a network accepts
+    framework = out.split("framework keys (any network entry")[1]
+    for key in ("channels_last: boolean = False", "checkpointing:", "compile:", "frozen:", "ema: boolean = True"):
+        assert key in framework
+
+
+def test_describe_a_loss_lists_its_weight_and_gates(capsys):
+    assert main(["--describe", "pix"]) == 0
+    framework = capsys.readouterr().out.split("framework keys (any loss entry")[1]
+    assert "weight: number or WeightSchedule = 1.0" in framework and "after: integer or null = None" in framework
 
 
 def test_describe_an_ambiguous_name_prints_each_component():
@@ -287,3 +297,37 @@ def test_a_run_folder_that_cannot_be_created_is_one_line_naming_path_root(tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error: path.root") and "cannot create or write the run folder" in err
     assert "Traceback" not in err
+
+
+def test_validate_warns_about_a_schedule_longer_than_the_run_and_unreachable_visuals(capsys):
+    # the quickstart shortened to 300 steps: its cosine period (3000) and visual_freq (1000) no longer fit
+    assert main(["-opt", "options/quickstart_sr.yml", "--validate", "train.niter=300"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: train.lr_scheduler.periods (options/quickstart_sr.yml:41): the periods add up to 3000 steps, "
+            "more than train.niter (300)") in err
+    assert "set train.lr_scheduler.periods=[300]" in err
+    assert "warning: logger.visual_freq" in err and "no visuals will be written" in err
+    assert main(["-opt", "options/quickstart_sr.yml", "--validate"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_config_warnings_look_inside_a_warm_up_scheduler_and_at_milestones():
+    from dlas.config.advice import config_warnings
+
+    cfg = {"train": {"niter": 100, "lr_scheduler": {"type": "linear_warmup", "warmup_steps": 100, "scheduler": {
+        "type": "multistep", "milestones": [50, 100, 200]}}}, "steps": {"g": {"lr_scheduler": None}},
+        "logger": {"visuals": [], "visual_freq": 500}}
+    found = {p.path: p.message for p in config_warnings(cfg)}
+    assert set(found) == {"train.lr_scheduler.warmup_steps", "train.lr_scheduler.scheduler.milestones"}
+    assert found["train.lr_scheduler.scheduler.milestones"].startswith("100, 200 not before train.niter (100)")
+
+
+def test_validate_reports_missing_data_and_missing_loss_weights_together(capsys):
+    # a new user's first --validate of a recipe without its data: every missing file in one report, not in turns
+    code = main(["-opt", "options/quickstart_sr.yml", "--validate", "datasets.train.paths=[nowhere]",
+                 "+steps.generator.losses.vgg={type: perceptual, weights_path: nowhere.pth}"])
+    assert code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2
+    assert errors[0].startswith("error: datasets.train.paths[0]") and "'nowhere' does not exist" in errors[0]
+    assert errors[1].startswith("error: steps.generator.losses.vgg.weights_path") and "nowhere.pth" in errors[1]

@@ -150,7 +150,7 @@ class Registry:
             if param.name == "self" or param.name in self.provided:
                 continue
             hint = hints.get(param.name, param.annotation)
-            hint_text = "" if hint is inspect.Parameter.empty else f": {_hint_name(hint)}"
+            hint_text = "" if hint is inspect.Parameter.empty else f": {hint_name(hint)}"
             default = " (required)" if param.default is inspect.Parameter.empty else f" = {param.default!r}"
             lines.append(f"    {yaml_name(param.name)}{hint_text}{default}")
         return "\n".join(lines)
@@ -230,7 +230,8 @@ def yaml_name(param: str) -> str:
     return param[:-1] if param.endswith("_") and keyword.iskeyword(param[:-1]) else param
 
 
-def _hint_name(hint: Any) -> str:
+def hint_name(hint: Any) -> str:
+    """A type hint in config words: ``integer``, ``number or null``, ``list of string``, ..."""
     if hint is _NoneType:
         return "null"
     if isinstance(hint, type) and not typing.get_args(hint):
@@ -242,9 +243,9 @@ def _hint_name(hint: Any) -> str:
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_hint_name(a) for a in args)
+        return " or ".join(hint_name(a) for a in args)
     if origin in (list, collections.abc.Sequence, tuple):
-        inner = ", ".join(_hint_name(a) for a in args if a is not Ellipsis)
+        inner = ", ".join(hint_name(a) for a in args if a is not Ellipsis)
         return f"list of {inner}" if inner else "list"
     if origin in (dict, collections.abc.Mapping):
         return "mapping"
@@ -264,10 +265,10 @@ def type_error(value: Any, hint: Any) -> Optional[str]:
     if origin in (typing.Union, types.UnionType):
         if any(type_error(value, arm) is None for arm in args):
             return None
-        return f"expected {_hint_name(hint)}, got {_describe_value(value)}"
+        return f"expected {hint_name(hint)}, got {_describe_value(value)}"
     if origin is typing.Annotated:
         return type_error(value, args[0])
-    expected = f"expected {_hint_name(hint)}, got {_describe_value(value)}"
+    expected = f"expected {hint_name(hint)}, got {_describe_value(value)}"
     if hint is _NoneType or hint is None:
         return None if value is None else expected
     if hint is bool:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from dlas.config.advice import config_warnings
 from dlas.errors import ConfigError, UserError, did_you_mean
 
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR = 0, 1, 2
@@ -112,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(cfg.attach_lines(exc.problems)) from None
         print(f"config OK: {args.opt} ({len(cfg['networks'])} networks, {len(cfg['steps'])} steps, "
               f"{cfg['train']['niter']} iterations)")
+        for problem in cfg.attach_lines(config_warnings(cfg)):
+            print(f"warning: {problem}", file=sys.stderr)
         return EXIT_OK
 
     rank = int(os.environ.get("RANK", "0"))
@@ -130,6 +133,8 @@ def _run(args: argparse.Namespace) -> int:
     log.addHandler(early)
     log.info("run folder %s (config %s%s)", run_dir, args.opt,
              f", overrides: {' '.join(args.overrides)}" if args.overrides else "")
+    for problem in cfg.attach_lines(config_warnings(cfg)):
+        log.warning("%s", problem)
     if changes:
         from dlas.config.resume import describe_changes
 
@@ -314,7 +319,10 @@ def describe_component(name: str) -> str:
         every = [n for registry in REGISTRIES.values() for n in registry.names()]
         raise ConfigError(f"no component named '{name}'{did_you_mean(name, every)}; "
                           "`dlas-train --list` shows them all", "--describe")
-    return "\n\n".join(registry.describe(name) for registry in found)
+    from dlas.config.schema import describe_framework_keys
+
+    return "\n\n".join("\n".join([registry.describe(name), *describe_framework_keys(registry.kind)])
+                       for registry in found)
 
 
 if __name__ == "__main__":

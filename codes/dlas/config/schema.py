@@ -207,6 +207,26 @@ LOADER_KEYS = reserved_keys(LoaderKeys)
 GATE_KEYS = reserved_keys(Gates)
 LOSS_KEYS = reserved_keys(LossKeys)
 
+# component kind -> the framework keys every entry of that kind accepts besides its constructor's options
+FRAMEWORK_KEYS: dict[str, type] = {"network": NetworkKeys, "dataset": LoaderKeys, "loss": LossKeys,
+                                   "injector": Gates}
+
+
+def describe_framework_keys(kind: str) -> list[str]:
+    """``--describe``'s lines for the framework keys of a ``kind`` entry (empty for kinds without any)."""
+    from dlas.registry import hint_name
+
+    section = FRAMEWORK_KEYS.get(kind)
+    if section is None:
+        return []
+    hints = typing.get_type_hints(section)
+    lines = [f"  framework keys (any {kind} entry; the trainer handles them, docs/config.md):",
+             "    " + (inspect.getdoc(section) or "").splitlines()[0]]
+    for f in dataclasses.fields(section):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"    {yaml_name(f.name)}: {hint_name(hints[f.name])} = {default!r}")
+    return lines
+
 
 # ------------------------------------------------------------------------------------------ sections
 @dataclass

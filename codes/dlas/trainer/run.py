@@ -18,7 +18,7 @@ import torch
 
 from dlas import build
 from dlas import checkpoint as ckpt
-from dlas.errors import ConfigError, DataError, Problem
+from dlas.errors import ConfigError, DataError, Problem, UserError
 from dlas.evaluators.base import EvalContext, Validation
 from dlas.trainer.loop import TrainLoop
 from dlas.trainer.rng import check_rng_state, set_rng_state
@@ -74,13 +74,29 @@ def load_pretrained(cfg: Mapping[str, Any], trainer: ExtensibleTrainer) -> None:
 
 
 def validate_config(cfg: Mapping[str, Any]) -> None:
-    """Build every component of ``cfg`` and check the state graph, raising ConfigError; trains nothing."""
-    datasets = build.build_datasets(cfg)
-    trainer = ExtensibleTrainer(cfg, torch.device("cpu"))
-    build.build_evaluators(cfg)
+    """Build every component of ``cfg`` and check the state graph, raising ConfigError; trains nothing.
+
+    The datasets, the networks and steps (with their losses' weight files), the evaluators and the pretrained
+    files are independent, so the problems of all of them are reported together; the state graph on a real
+    batch needs them all and is checked once they are right.
+    """
+    problems: list[Problem] = []
+
+    def attempt(build_part: Callable[[], Any]) -> Any:
+        try:
+            return build_part()
+        except UserError as exc:
+            problems.extend(exc.problems)
+            return None
+
+    datasets = attempt(lambda: build.build_datasets(cfg))
+    trainer = attempt(lambda: ExtensibleTrainer(cfg, torch.device("cpu")))
+    attempt(lambda: build.build_evaluators(cfg))
+    attempt(lambda: build.check_pretrained_files(cfg))
+    if problems:
+        raise ConfigError(problems)
     if "train" in datasets:
         check_on_data(cfg, trainer, datasets["train"])
-    build.check_pretrained_files(cfg)
 
 
 def _count(value: Any) -> bool:
