@@ -338,6 +338,27 @@ def test_references_up_to_scale_minus_one_pixels_larger_are_cropped_like_basicsr
                  "--metrics", "psnr", "--reference", str(tmp / "hr")]) == 2
 
 
+def test_metrics_of_an_upscaler_come_with_the_bicubic_baseline_of_the_same_inputs(run_and_inputs, capsys):
+    import torch.nn.functional as F
+
+    run, images, tmp = run_and_inputs
+    rng = np.random.default_rng(6)
+    refs = [rng.integers(0, 256, (24, 28, 3), dtype=np.uint8) for _ in images]
+    for i, ref in enumerate(refs):
+        save_image(tmp / "hr" / f"im{i}.png", ref)
+    assert main(["--run", str(run), "--input", str(tmp / "lq"), "--output", str(tmp / "out"),
+                 "--metrics", "psnr", "--reference", str(tmp / "hr")]) == 0
+    assert "psnr_bicubic" in capsys.readouterr().out.splitlines()[-5]  # a column of the table
+    written = json.loads((tmp / "out" / "metrics.json").read_text())
+    for i, (lq, ref) in enumerate(zip(images, refs)):
+        lq_tensor = torch.from_numpy(lq).permute(2, 0, 1)[None].float() / 255
+        bicubic = F.interpolate(lq_tensor, size=(24, 28), mode="bicubic", align_corners=False)[0]
+        expected = psnr_of(tensor_to_uint8(bicubic), ref)
+        assert written["images"][f"im{i}"]["psnr_bicubic"] == pytest.approx(expected, abs=1e-9)
+    assert written["mean"]["psnr_bicubic"] == pytest.approx(np.mean(
+        [written["images"][f"im{i}"]["psnr_bicubic"] for i in range(len(images))]))
+
+
 def psnr_of(out, ref):
     from dlas.metrics import psnr
 
@@ -413,3 +434,16 @@ def test_a_network_that_does_not_output_an_image_is_exit_2_naming_network(tmp_pa
     assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--network" in err[0]
+
+
+def test_a_checkpoint_whose_weights_do_not_match_their_manifest_is_refused_naming_it(tmp_path, capsys):
+    run = make_run(tmp_path, steps=(100,))
+    make_images(tmp_path / "lq", count=1)
+    weights = run / "checkpoints" / "100" / "generator_ema.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in a tensor: same size, another sha256
+    weights.write_bytes(bytes(data))
+    assert main(["--run", str(run), "--input", str(tmp_path / "lq"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint 100 is damaged" in err[0] and "generator_ema.safetensors" in err[0]
+    assert not (tmp_path / "out").exists()

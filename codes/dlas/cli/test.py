@@ -308,6 +308,9 @@ def run_task(args: argparse.Namespace) -> int:
                 for temperature, output in zip(temperatures, images):
                     key = request.name if temperature is None else f"{request.name} T={temperature:g}"
                     scores[key] = scorer(output, references[path], task.scale_factor)
+                    if task.scale_factor > 1:  # what plain upscaling of the same input scores
+                        scores[key]["psnr_bicubic"] = scorer.bicubic_psnr(request.image, output, references[path],
+                                                                          task.scale_factor)
         else:
             for k, image in enumerate(images):
                 save_image(output_dir / f"{request.name}_{k}.png", image)
@@ -368,9 +371,25 @@ class _ReferenceScorer:
         return self.scorer.convention(scale)
 
     def __call__(self, output, reference_file: Path, scale: int) -> dict[str, float]:
-        from dlas.inference import load_image, tensor_to_uint8
+        from dlas.inference import tensor_to_uint8
 
         out = tensor_to_uint8(output)
+        ref = self._reference(out, reference_file, scale)
+        try:
+            return self.scorer(out, ref, scale)
+        except ValueError as exc:  # too small for the crop (or SSIM's 11x11 window)
+            raise DataError(f"cannot score this image: {exc}", str(reference_file)) from exc
+
+    def bicubic_psnr(self, lq, output, reference_file: Path, scale: int) -> float:
+        """The PSNR of bicubic upscaling of the input ``lq``, under the same convention: the baseline to beat."""
+        from dlas.inference import tensor_to_uint8
+
+        return self.scorer.baseline_psnr(lq, self._reference(tensor_to_uint8(output), reference_file, scale), scale)
+
+    @staticmethod
+    def _reference(out, reference_file: Path, scale: int):
+        from dlas.inference import load_image, tensor_to_uint8
+
         ref = tensor_to_uint8(load_image(reference_file))
         if all(o <= r < o + scale for o, r in zip(out.shape[:2], ref.shape[:2])):
             # An HR side that is not a multiple of the scale (LQ = floor(HR / scale)): drop its bottom/right
@@ -380,21 +399,19 @@ class _ReferenceScorer:
             raise DataError(f"reference is {ref.shape[1]}x{ref.shape[0]} but the output is {out.shape[1]}x"
                             f"{out.shape[0]}; the reference must be scale x the LQ size (a remainder below "
                             "the scale is cropped)", str(reference_file))
-        try:
-            return self.scorer(out, ref, scale)
-        except ValueError as exc:  # too small for the crop (or SSIM's 11x11 window)
-            raise DataError(f"cannot score this image: {exc}", str(reference_file)) from exc
+        return ref
 
 
 def _print_table(scores: dict[str, dict[str, float]], convention: str) -> dict[str, float]:
     names = list(next(iter(scores.values())))
     means = {n: sum(v[n] for v in scores.values()) / len(scores) for n in names}
     width = max(len("mean"), *(len(k) for k in scores))
-    fmt = lambda n, v: ("inf" if math.isinf(v) else f"{v:.4f}" if n != "psnr" else f"{v:.2f}").rjust(8)
-    print(f"{'image'.ljust(width)} " + " ".join(n.rjust(8) for n in names))
+    fmt = lambda n, v: ("inf" if math.isinf(v) else f"{v:.4f}" if not n.startswith("psnr") else f"{v:.2f}").rjust(8)
+    cell = {n: max(8, len(n)) for n in names}
+    print(f"{'image'.ljust(width)} " + " ".join(n.rjust(cell[n]) for n in names))
     for key, values in scores.items():
-        print(f"{key.ljust(width)} " + " ".join(fmt(n, values[n]) for n in names))
-    print(f"{'mean'.ljust(width)} " + " ".join(fmt(n, means[n]) for n in names))
+        print(f"{key.ljust(width)} " + " ".join(fmt(n, values[n]).rjust(cell[n]) for n in names))
+    print(f"{'mean'.ljust(width)} " + " ".join(fmt(n, means[n]).rjust(cell[n]) for n in names))
     print(f"({convention})")
     return means
 
