@@ -209,3 +209,14 @@ def test_positions_and_sizes_cover_the_grid():
     assert len(POSITIONS) == 9 and set(SIZES) >= {"small", "large"}
     seen = {item["position"] for item in items(ShapesDataset(count=200), 200)}
     assert seen == set(POSITIONS)
+
+
+def test_an_image_mostly_unlike_its_brightest_spot_has_no_outline_to_fit():
+    # a sampler's blob: the border is gray, the middle darker, a small bright core; measured along the
+    # background -> core colour the window's coverage sums negative (it used to raise "math domain error")
+    image = torch.full((3, 32, 32), 128 / 255)
+    image[:, 2:30, 2:30] = 64 / 255
+    image[:, 15:17, 15:17] = 1.0
+    read = classify_image(image)
+    assert read["background"] == "gray" and read["color"] == "white"
+    assert read["shape"] == read["size"] == read["position"] == "none"

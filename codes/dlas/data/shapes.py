@@ -282,6 +282,8 @@ def classify_image(image: torch.Tensor | np.ndarray) -> dict[str, str]:
     window[top:rows.max() + margin + 1, left:cols.max() + margin + 1] = True
     coverage = np.where(window, np.clip(coverage, -1, 2), 0.0)
     area = float(coverage.sum()) / (width * height)  # in image-side fractions squared
+    if area <= 0:  # more of the window lies away from the shape's colour than towards it: no outline to fit
+        return {"background": background, "color": color, "shape": "none", "size": "none", "position": "none"}
     xs = (np.arange(width) + 0.5) / width
     ys = (np.arange(height) + 0.5) / height
     mass_x = float((coverage.sum(axis=0) * xs).sum() / coverage.sum())
