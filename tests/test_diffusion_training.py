@@ -75,6 +75,18 @@ def test_validation_samples_fixed_inputs_and_scores_them_against_the_reference(t
     assert 0 < metrics["samples/psnr"] < 60
     grid = load_image(trained_run / "val" / "3" / "samples" / "grid.png")
     assert grid.shape[-2:] == (16 + 4, 2 * 16 + 6)  # one input, two samples, 2px padding
+    # beside the samples' score, bicubic upscaling's of the same input under the same convention
+    import torch.nn.functional as F
+
+    from dlas.build import build_datasets, read_run_config
+    from dlas.metrics import psnr
+    from dlas.metrics.convention import tensor_to_uint8
+
+    cfg = read_run_config(trained_run)
+    item = build_datasets({**cfg, "datasets": {"val": cfg["datasets"]["val"]}})["val"][0]
+    bicubic = F.interpolate(item["lq"][None].float(), size=item["hq"].shape[-2:], mode="bicubic", align_corners=False)
+    expected = psnr(tensor_to_uint8(bicubic[0]), tensor_to_uint8(item["hq"]), 0, False)
+    assert metrics["samples/psnr_bicubic"] == pytest.approx(expected, abs=1e-9)
 
 
 def test_dlas_test_upsamples_images_with_the_runs_schedule_and_scores_them(trained_run, tmp_path, capsys):

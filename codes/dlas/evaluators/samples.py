@@ -27,7 +27,9 @@ class SamplesEvaluator(Evaluator):
     input), ``out_dir/NNN_k.png`` with ``save_images``, the grid to tensorboard (``val/EVALNAME/grid``).
 
     Where an item has a reference image (``reference_key``) of the samples' size, the samples are scored
-    against it with ``metrics`` (means over every sample); otherwise nothing is reported but the pictures.
+    against it with ``metrics`` (means over every sample); otherwise nothing is reported but the pictures. Where
+    the input is an image smaller than the reference (an upsampler), ``psnr_bicubic`` is reported too: the PSNR
+    of bicubic upscaling of the same inputs, the baseline a sampler has to beat.
 
     Options:
       task: the inference task (null: the network's own, see ``dlas-train --list task``).
@@ -44,7 +46,7 @@ class SamplesEvaluator(Evaluator):
       save_images: write every sample as a PNG as well as the grid.
     """
 
-    higher_is_better = {"psnr": True, "ssim": True, "lpips": False}
+    higher_is_better = {"psnr": True, "ssim": True, "lpips": False, "psnr_bicubic": True}
 
     def __init__(self, task: Optional[str] = None, network: str = "generator", dataset: Optional[str] = None,
                  captions: list[str] = (), count: int = 4, seed: int = 0, max_items: int = 8,
@@ -94,7 +96,7 @@ class SamplesEvaluator(Evaluator):
                           {"network": self.network_name, **self.options}, "task")
         self.scorer.device = ctx.device
         ctx.out_dir.mkdir(parents=True, exist_ok=True)
-        rows, sums, scored = [], defaultdict(float), 0
+        rows, sums, scored, baseline, inputs_scored = [], defaultdict(float), 0, 0.0, 0
         # Every rank draws the same samples (seeded per input), so every rank reports the same numbers without a
         # collective; only rank 0 writes them.
         for request, reference in self.requests(ctx):
@@ -109,7 +111,12 @@ class SamplesEvaluator(Evaluator):
                     for metric, value in self.scorer(tensor_to_uint8(image), target, 1).items():
                         sums[metric] += value
                     scored += 1
+                if request.image is not None and request.image.shape[-1] < images.shape[-1]:
+                    baseline += self.scorer.baseline_psnr(request.image, target, 1)  # scored as the samples are
+                    inputs_scored += 1
         means = {metric: total / scored for metric, total in sums.items()} if scored else {}
+        if inputs_scored:
+            means["psnr_bicubic"] = baseline / inputs_scored
         if ctx.rank == 0:
             grid = _grid(rows)
             save_image(ctx.out_dir / "grid.png", grid)
