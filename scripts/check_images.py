@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     with Pool(args.workers) as pool:
         jobs = [(f, args.min_size) for f in files]
         for result in tqdm(pool.imap_unordered(check, jobs, chunksize=16), total=len(jobs), unit="image",
-                           disable=len(jobs) < 100, file=sys.stderr):
+                           disable=True if len(jobs) < 100 else None, file=sys.stderr):
             results.append(result)
     problems = sorted(r for r in results if r[1])
     for path, category, detail in problems:

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     written = present = 0
     failures = []
     with Pool(args.workers) as pool:
-        for path, new, old, problem in tqdm(pool.imap_unordered(extract, jobs), total=len(jobs), unit="image"):
+        for path, new, old, problem in tqdm(pool.imap_unordered(extract, jobs), total=len(jobs), unit="image",
+                                                  disable=None):
             written, present = written + new, present + old
             if problem:
                 failures.append(f"{path}: {problem}")

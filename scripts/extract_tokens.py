@@ -184,7 +184,8 @@ def extract(args: argparse.Namespace) -> int:
         print(f"{args.output}: resuming after {writer.done} of {len(keys)} items")
     loader = torch.utils.data.DataLoader(Keys(dataset, keys[writer.done:]), batch_size=args.batch_size,
                                          num_workers=args.workers, collate_fn=ItemCollator(args.dataset))
-    with tqdm(total=len(keys), initial=writer.done, unit="img", desc="encoding", dynamic_ncols=True) as progress:
+    with tqdm(total=len(keys), initial=writer.done, unit="img", desc="encoding", dynamic_ncols=True,
+              disable=None) as progress:
         for batch in loader:
             images = batch[args.key].to(device)
             writer.add(dvae.encode(images), records_of(batch, args.key, images.shape[0]))

@@ -152,7 +152,7 @@ def write(args: argparse.Namespace, sources: dict[str, str]) -> tuple[dict[str, 
     try:
         with Pool(args.workers) as pool:
             bar = tqdm(pool.imap(encode, todo, chunksize=4), total=len(sources), initial=len(sources) - len(todo),
-                       unit="image", desc="write")
+                       unit="image", desc="write", disable=None)
             for key, png, checksum, problem in bar:
                 if png is None:
                     unreadable[key] = problem
@@ -180,7 +180,7 @@ def verify(args: argparse.Namespace, keys: list[str], written: dict[str, int]) -
     lines, problems, bad = [], [], []
     with Pool(args.workers, initializer=_open_reader, initargs=(args.output,)) as pool:
         for key, shape, checksum, problem in tqdm(pool.imap(read_back, keys, chunksize=4), total=len(keys),
-                                                   unit="image", desc="verify"):
+                                                   unit="image", desc="verify", disable=None):
             if not problem and key in written and checksum != written[key]:
                 problem = "its pixels differ from the source image's"
             if problem:

@@ -154,7 +154,7 @@ def build(args: argparse.Namespace, output: Path, relatives: list[str]) -> int:
     with Pool(args.workers) as pool:
         jobs = [os.path.join(args.input, relative) for _, group in pending for relative in group]
         verdicts = iter(tqdm(pool.imap(check, jobs, chunksize=8), total=len(relatives),
-                             initial=len(relatives) - len(jobs), unit="image"))
+                             initial=len(relatives) - len(jobs), unit="image", disable=None))
         for name, group in pending:
             problems = [next(verdicts) for _ in group]
             left_out += [p for p in problems if p]
