@@ -90,3 +90,18 @@ def test_a_shape_mistake_in_a_late_gated_loss_is_caught_at_start(capsys):
     err = capsys.readouterr().err
     assert "error: steps.discriminator.losses.gan" in err and "fails on a real training batch" in err
     assert "Traceback" not in err
+
+
+def test_the_dalle_recipes_dvae_is_the_dvae_recipes_network():
+    """triforce_dalle_shapes.yml loads the dVAE run's weights into its own copy of the network: the copy must
+    have the shapes the dVAE recipe trains (a changed width once made the transformer's start fail)."""
+    from dlas.config import load_config
+
+    dvae = load_config(str(OPTIONS / "triforce_dvae_shapes.yml"))["networks"]["dvae"]
+    dalle = load_config(str(OPTIONS / "triforce_dalle_shapes.yml"), training=False)["networks"]["dvae"]
+    shape_keys = ("quantizer", "codebook_size", "downsample", "width", "channel_mult", "res_blocks", "codebook_dim",
+                  "norm")
+    assert {k: dvae.get(k) for k in shape_keys} == {k: dalle.get(k) for k in shape_keys}
+    step = load_config(str(OPTIONS / "triforce_dvae_shapes.yml"))["train"]["niter"]
+    weights = load_config(str(OPTIONS / "triforce_dalle_shapes.yml"), training=False)["path"]["pretrain_model_dvae"]
+    assert f"checkpoints/{step}/" in weights  # the dVAE run's last checkpoint

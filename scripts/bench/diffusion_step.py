@@ -96,12 +96,12 @@ def main() -> None:
     print(f"diffusion_unet '{args.preset}' ({parameters / 1e6:.2f}M parameters), batch {args.batch} of {crop}px "
           f"crops, {device}, {torch.get_num_threads()} threads, load average {load[0]:.1f} {load[1]:.1f} "
           f"{load[2]:.1f}")
-    print(f"{'variant':<22}{'seconds':>10}{'vs fp32':>10}")
+    print(f"{'variant':<26}{'seconds':>10}{'vs fp32':>10}")
     base = results["train_fp32_s"]
     for name in ("fp32", "bf16", "fp32_checkpointing"):
         value = results[f"train_{name}_s"]
-        print(f"{'train ' + name:<22}{value:>10.3f}{value / base:>10.2f}")
-    print(f"{f'sample step {side}px':<22}{results['sample_step_fp32_s']:>10.3f}")
+        print(f"{'train ' + name:<26}{value:>10.3f}{value / base:>10.2f}")
+    print(f"{f'sample step {side}px':<26}{results['sample_step_fp32_s']:>10.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"preset": args.preset, "batch": args.batch, "device": str(device), "parameters": parameters,

@@ -9,6 +9,8 @@ machine may be shared):
   run's validation dataset (``datasets.val``, the training set's variant never drawn) and on the scikit-image
   photographs (``--photos``), each resized (shorter side) and centre-cropped to ``--photo-size`` pixels, plus the
   PSNR of predicting the mean image of the held-out scenes (a floor: a model that learnt nothing);
+* caption agreement (shapes with one shape per scene): the fraction of reconstructions in which
+  ``dlas.data.shapes.classify_image`` still reads each of the scene's attributes (colour, kind, ...);
 * codebook usage (fraction of codes the held-out tokens use) and perplexity (exp entropy of their histogram);
 * from ``train.log``: the training wall time (first to last line) and the last logged windowed usage/perplexity.
 
@@ -31,6 +33,7 @@ import torch
 from dlas.build import RunNetworks, build_datasets
 from dlas.data.file_index import skimage_images
 from dlas.data.image_file import read_image
+from dlas.data.shapes import ATTRIBUTES, classify_image
 from dlas.data.text_image import center_crop, shorter_side_to
 from dlas.errors import UserError
 from dlas.metrics import psnr
@@ -69,7 +72,20 @@ def training_log(run: Path) -> dict[str, float]:
     return out
 
 
-def measure(run: Path, ema: bool, held_out: torch.Tensor, photo_batch: torch.Tensor) -> dict[str, float]:
+def caption_agreement(rebuilt: torch.Tensor, attributes: list[dict[str, str]]) -> dict[str, float]:
+    """Per attribute, the fraction of reconstructions whose pixels (``classify_image``) still show the caption's
+    value; ``all``: every attribute right. Only for one-shape scenes."""
+    read = [classify_image(image) for image in rebuilt]
+    out = {key: float(np.mean([r[key] == a[key] for r, a in zip(read, attributes)])) for key in ATTRIBUTES}
+    out["all"] = float(np.mean([all(r[k] == a[k] for k in ATTRIBUTES) for r, a in zip(read, attributes)]))
+    for size in sorted({a["size"] for a in attributes}):  # the kind is what a coarse token grid loses first
+        kept = [r["shape"] == a["shape"] for r, a in zip(read, attributes) if a["size"] == size]
+        out[f"shape ({size})"] = float(np.mean(kept))
+    return out
+
+
+def measure(run: Path, ema: bool, held_out: torch.Tensor, photo_batch: torch.Tensor,
+            attributes: list[dict[str, str]] | None) -> dict[str, float]:
     networks = RunNetworks(run, ema=ema)
     name = next(n for n, c in networks.config["networks"].items() if c.get("type") == "dvae")
     dvae = networks[name]
@@ -77,8 +93,11 @@ def measure(run: Path, ema: bool, held_out: torch.Tensor, photo_batch: torch.Ten
         tokens = torch.cat([dvae.encode(held_out[i:i + 64]) for i in range(0, len(held_out), 64)])
         rebuilt = torch.cat([dvae.decode(tokens[i:i + 64]) for i in range(0, len(tokens), 64)])
         photo_rebuilt = dvae.reconstruct(photo_batch)
-    return {"step": networks.step, "shapes_psnr": mean_psnr(held_out, rebuilt),
-            "photos_psnr": mean_psnr(photo_batch, photo_rebuilt), **code_statistics(tokens, dvae.codebook_size)}
+    result = {"step": networks.step, "shapes_psnr": mean_psnr(held_out, rebuilt),
+              "photos_psnr": mean_psnr(photo_batch, photo_rebuilt), **code_statistics(tokens, dvae.codebook_size)}
+    if attributes:
+        result["caption_agreement"] = caption_agreement(rebuilt, attributes)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,9 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         config = RunNetworks(run).config
         val = dict(config["datasets"]["val"], count=args.count)
         dataset = build_datasets({**config, "datasets": {"val": val}})["val"]
-        held_out = torch.stack([dataset[i]["hq"] for i in range(len(dataset))])
+        items = [dataset[i] for i in range(len(dataset))]
+        held_out = torch.stack([item["hq"] for item in items])
+        single = all(" and " not in item.get("shape", " and ") for item in items)  # shapes scenes of one shape
+        attributes = [{k: item[k] for k in ATTRIBUTES} for item in items] if single else None
         photo_batch = photos(args.photos, args.photo_size)
-        results = {"ema": measure(run, True, held_out, photo_batch), "raw": measure(run, False, held_out, photo_batch)}
+        results = {label: measure(run, ema, held_out, photo_batch, attributes)
+                   for label, ema in (("ema", True), ("raw", False))}
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -110,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in results.items():
         print(f"{label:8} {r['shapes_psnr']:12.2f} {r['photos_psnr']:12.2f} {r['codebook_usage']:7.3f} "
               f"{r['perplexity']:11.1f}")
+    if attributes:
+        print("reconstructions whose pixels still show the caption (classify_image): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in results["ema"]["caption_agreement"].items()) + " (EMA)")
     print(f"mean image of the held-out scenes: {floor:.2f} dB; {len(held_out)} scenes, {len(photo_batch)} photos at "
           f"{args.photo_size} px")
     if "train_wall_s" in report:

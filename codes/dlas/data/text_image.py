@@ -128,7 +128,7 @@ class TextImageDataset(SeededDataset):
     """Captioned photographs: images from folders with side-car ``NAME.txt`` captions or a caption table.
 
     Items: ``hq`` (float CHW RGB in [0, 1]), ``caption`` (one of the image's captions, drawn per item) and
-    ``path`` (the image file). See the module docs (``docs/data.md``) for where captions come from.
+    ``path`` (the image file). Where captions come from: the module docstring and ``docs/dvae.md``.
 
     paths: folders (recursive; one holding ``captions.jsonl``/``captions.csv`` uses that table), image files,
         ``.txt`` lists of images, ``skimage:`` samples, or ``.jsonl``/``.csv`` caption tables.

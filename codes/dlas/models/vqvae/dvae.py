@@ -98,7 +98,7 @@ class DiscreteVAE(nn.Module):
         losses:
           pix: {type: pix, criterion: l1, real: hq, fake: recon}
           commitment: {type: direct, key: commitment, weight: 0.25}            # vq
-          kl: {type: direct, key: kl, weight: {schedule: cosine, from: 0, to: 6.6e-4, start: 0, end: 5000}}  # gumbel
+          kl: {type: direct, key: kl, weight: {schedule: cosine, from: 0, to: 0.001, start: 0, end: 5000}}  # gumbel
 
     Public methods: ``encode(images) -> tokens`` [B, h, w] int64 (the argmax/nearest code, deterministic),
     ``decode(tokens) -> images`` [B, 3, h*f, w*f] in [0, 1], ``reconstruct(images)`` (both, for the
