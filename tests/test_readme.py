@@ -11,6 +11,9 @@ Commands are read from the README's ``bash`` blocks (continuation lines joined, 
 * ``scripts/*.py``: the arguments are parsed by the script's own parser (its ``main`` is stopped there unless the
   command is marked runnable with ``--validate``), so a renamed flag fails here.
 * The plugin example (the Python and YAML blocks of "Writing a plugin") is written to files verbatim and trained.
+
+The walk-throughs of the family pages (docs/dvae.md, dalle.md, diffusion.md, switched.md) get the same checks,
+except that a training step there may fail by naming a file an earlier step makes.
 """
 from __future__ import annotations
 
@@ -36,10 +39,10 @@ TINY_QUICKSTART = ["datasets.train.paths=['skimage:astronaut,coffee']", "dataset
                    "networks.generator.num_conv=2", "train.niter=2", "logger.print_freq=1"]
 
 
-def blocks(language: str) -> list[tuple[str, str]]:
+def blocks(language: str, text: str = README) -> list[tuple[str, str]]:
     """``(heading, text)`` of every fenced block of ``language``, with the section heading above it."""
     found, heading = [], ""
-    for part in re.split(r"(^```[a-z]*\n.*?^```\n)", README, flags=re.S | re.M):
+    for part in re.split(r"(^```[a-z]*\n.*?^```\n)", text, flags=re.S | re.M):
         if part.startswith(f"```{language}\n"):
             found.append((heading, part[len(language) + 4:-4]))
         elif not part.startswith("```"):  # a comment line inside another block is no heading
@@ -48,11 +51,11 @@ def blocks(language: str) -> list[tuple[str, str]]:
     return found
 
 
-def commands() -> list[tuple[str, list[str], str]]:
+def commands(text: str = README) -> list[tuple[str, list[str], str]]:
     """``(section, argv, comment)`` of every command line of the bash blocks."""
     out = []
-    for heading, text in blocks("bash"):
-        for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+    for heading, block in blocks("bash", text):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             code, _, comment = line.partition("  #")
             if code.strip() and not code.lstrip().startswith("#"):
                 out.append((heading, shlex.split(code), comment.strip()))
@@ -231,3 +234,28 @@ def test_the_plugin_example_trains_as_written(tmp_path, monkeypatch, capsys):
     assert train_main(["-opt", "my_run.yml", *TINY_QUICKSTART[:4], "train.niter=1"]) == 0, capsys.readouterr().err
     config = (tmp_path / "experiments" / "my_run" / "config.yml").read_text()
     assert "type: tiny_sr" in config and "num_conv" not in config.split("networks:")[1].split("steps:")[0]
+
+
+# The family pages' walk-throughs: each step's command exists as written. A step may need what the steps before it
+# made (a run, its tokens), so a training command there may only fail by naming a missing file.
+WALK_THROUGHS = [(page, argv) for page in ("dvae.md", "dalle.md", "diffusion.md", "switched.md")
+                 for _, line, _ in commands((REPO / "docs" / page).read_text()) for argv in split_chain(line)]
+
+
+@pytest.mark.parametrize("page,argv", WALK_THROUGHS, ids=lambda v: v if isinstance(v, str) else " ".join(v[:2]))
+def test_family_walk_through_commands_exist_as_written(page, argv, monkeypatch, capsys):
+    monkeypatch.chdir(REPO)
+    if argv[:2] == ["python", "codes/train.py"]:
+        code = train_main([*argv[2:], "--validate"])
+        err = capsys.readouterr().err
+        assert code == 0 or (code == 2 and ("does not exist" in err or "not found" in err)), (page, argv, err)
+    elif argv[0] == "dlas-test":
+        parse_only(monkeypatch, dlas_test.main, argv[1:])
+    else:
+        assert argv[0] == "python" and argv[1].startswith("scripts/"), (page, argv)
+        spec = importlib.util.spec_from_file_location(f"walk_{Path(argv[1]).stem}", REPO / argv[1])
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)
+        monkeypatch.syspath_prepend(str(REPO / argv[1].rsplit("/", 1)[0]))
+        spec.loader.exec_module(module)
+        parse_only(monkeypatch, module.main, argv[2:])
