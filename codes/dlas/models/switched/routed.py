@@ -42,7 +42,11 @@ def linear(a: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     for these tall, narrow products it measured 4-5x faster than the BLAS behind ``torch.mm`` on our AMD CPUs,
     which is what the dense convolution (also oneDNN) is compared against. Elsewhere it is ``F.linear``.
     """
-    if ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype in (torch.float32, torch.bfloat16):
+    if weight.dtype != a.dtype:  # bf16 patches against fp32 experts (autocast): compute in the patches' dtype
+        weight = weight.to(a.dtype)
+        bias = bias.to(a.dtype) if bias is not None else None
+    # float32 only: this op's bf16 kernel wants prepacked weights and refuses plain ones (torch 2.14 on our CPUs)
+    if ONEDNN_LINEAR and a.device.type == "cpu" and a.dtype == torch.float32:
         # oneDNN compiles a kernel per shape (~10 ms each; cached): rounding the rows up to a multiple of
         # ROW_MULTIPLE keeps the number of shapes small while the experts' pixel counts change every step
         rows = a.shape[0]
