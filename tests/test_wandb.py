@@ -47,9 +47,17 @@ def records(run_file: Path) -> list:
 
 def finished_records(run_file: Path, timeout: float = 20.0) -> list:
     """The records of a run file once its exit record is there (wandb's service may still be writing it)."""
+    from google.protobuf.message import DecodeError
+
     deadline = time.time() + timeout
     while True:
-        found = records(run_file) if run_file.is_file() else []
+        try:
+            found = records(run_file) if run_file.is_file() else []
+        except DecodeError:  # read while the service was appending a record: read again
+            if time.time() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
         if any(r.WhichOneof("record_type") == "exit" for r in found) or time.time() > deadline:
             return found
         time.sleep(0.1)
