@@ -1,12 +1,9 @@
 """Text-to-image validation on the shapes world: do the sampled images show what their captions say?"""
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any, Optional
-
-import torch
 
 from dlas.data.shapes import ATTRIBUTES, classify_image, parse_caption
 from dlas.errors import ConfigError, DataError
@@ -15,8 +12,6 @@ from dlas.evaluators.samples import _grid
 from dlas.inference.images import save_image
 from dlas.inference.tasks import Request, build_task, default_task
 from dlas.registry import EVALUATORS
-
-log = logging.getLogger("dlas")
 
 
 @EVALUATORS.register("shapes_accuracy")
@@ -89,7 +84,7 @@ class ShapesAccuracyEvaluator(Evaluator):
                 continue  # several shapes: classify_image reads one
             images = task(Request(f"{i:03d}", caption=caption, seed=self.seed + i, count=self.count)).clamp(0, 1)
             rows.append(images)
-            shown = [self.read(image) for image in images]
+            shown = [classify_image(image) for image in images]
             for reading in shown:
                 hits = {key: reading[key] == value for key, value in expected.items()}
                 for key, hit in hits.items():
@@ -109,17 +104,6 @@ class ShapesAccuracyEvaluator(Evaluator):
             write_json(ctx.out_dir / "results.json", {"step": ctx.step, "task": name, **metrics,
                                                       "captions": results})
         return metrics
-
-    @staticmethod
-    def read(image: torch.Tensor) -> dict[str, str]:
-        """What ``image`` shows; an image the classifier cannot make sense of shows nothing (every attribute
-        ``none``, so it counts as wrong) rather than stopping the run's validation."""
-        try:
-            return classify_image(image)
-        except ValueError as exc:
-            log.warning("shapes_accuracy: a sample the shapes classifier cannot read (%s) counts as showing nothing",
-                        exc)
-            return dict.fromkeys(ATTRIBUTES, "none")
 
     def summary(self, metrics: Mapping[str, float]) -> list[str]:
         shown = ", ".join(f"{key} {100 * metrics[key]:.0f}%" for key in (*ATTRIBUTES, "all") if key in metrics)
