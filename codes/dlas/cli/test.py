@@ -305,12 +305,10 @@ def run_task(args: argparse.Namespace) -> int:
             save_image(output_dir / f"{request.name}.png", torch.cat(list(images), dim=-1))
             if scorer:
                 temperatures = args.temperature or [None]
-                for temperature, output in zip(temperatures, images):
-                    key = request.name if temperature is None else f"{request.name} T={temperature:g}"
-                    scores[key] = scorer(output, references[path], task.scale_factor)
-                    if task.scale_factor > 1:  # what plain upscaling of the same input scores
-                        scores[key]["psnr_bicubic"] = scorer.bicubic_psnr(request.image, output, references[path],
-                                                                          task.scale_factor)
+                # an upscaler's outputs come with what plain bicubic upscaling of the same input scores
+                lq = request.image if task.scale_factor > 1 else None
+                for temperature, values in zip(temperatures, scorer(images, references[path], task.scale_factor, lq)):
+                    scores[request.name if temperature is None else f"{request.name} T={temperature:g}"] = values
         else:
             for k, image in enumerate(images):
                 save_image(output_dir / f"{request.name}_{k}.png", image)
@@ -370,21 +368,22 @@ class _ReferenceScorer:
     def convention(self, scale: int) -> str:
         return self.scorer.convention(scale)
 
-    def __call__(self, output, reference_file: Path, scale: int) -> dict[str, float]:
+    def __call__(self, outputs, reference_file: Path, scale: int, lq=None) -> list[dict[str, float]]:
+        """The scores of each output (one per temperature) against the reference file, read once; with ``lq``
+        (the input), each also holds ``psnr_bicubic``: bicubic upscaling of it under the same convention."""
         from dlas.inference import tensor_to_uint8
 
-        out = tensor_to_uint8(output)
-        ref = self._reference(out, reference_file, scale)
+        outs = [tensor_to_uint8(output) for output in outputs]
+        ref = self._reference(outs[0], reference_file, scale)
         try:
-            return self.scorer(out, ref, scale)
+            scores = [self.scorer(out, ref, scale) for out in outs]
         except ValueError as exc:  # too small for the crop (or SSIM's 11x11 window)
             raise DataError(f"cannot score this image: {exc}", str(reference_file)) from exc
-
-    def bicubic_psnr(self, lq, output, reference_file: Path, scale: int) -> float:
-        """The PSNR of bicubic upscaling of the input ``lq``, under the same convention: the baseline to beat."""
-        from dlas.inference import tensor_to_uint8
-
-        return self.scorer.baseline_psnr(lq, self._reference(tensor_to_uint8(output), reference_file, scale), scale)
+        if lq is not None:
+            baseline = self.scorer.baseline_psnr(lq, ref, scale)
+            for values in scores:
+                values["psnr_bicubic"] = baseline
+        return scores
 
     @staticmethod
     def _reference(out, reference_file: Path, scale: int):
