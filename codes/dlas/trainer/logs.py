@@ -63,7 +63,7 @@ class LogWindow:
         self.count += 1
         self.data_time += data_time
 
-    def flush(self, step: int, progress: Any = None) -> dict[str, float]:
+    def flush(self, step: int) -> dict[str, float]:
         """Log the window's means (one host sync), write them to the writers and start a new window."""
         n = max(self.count, 1)
         keys = list(self.sums)
@@ -120,7 +120,7 @@ class LogWindow:
                             "row so far", step, round(fraction * max(self.count, 1)), max(self.count, 1), name,
                             ", ".join(culprits) or "gradient", int(self.trainer.bad_steps))
 
-    def postfix(self, progress: Any, logs: Mapping[str, torch.Tensor], step: int) -> None:
+    def postfix(self, progress: Any, logs: Mapping[str, torch.Tensor]) -> None:
         """Show the latest step's losses on the progress bar, at most once a second (a host sync)."""
         now = time.perf_counter()
         if not self.is_main or progress.disable or now - self._postfix_at < POSTFIX_SECONDS:

@@ -87,9 +87,9 @@ class TrainLoop:
                 self.stop_requested = self.dist.any_true(signals.requested) if self.dist else signals.requested
                 window.add(logs, data_time)
                 progress.update(1)
-                window.postfix(progress, logs, step)
+                window.postfix(progress, logs)
                 if step % self.log_cfg["print_freq"] == 0 or step == niter:
-                    window.flush(step, progress)
+                    window.flush(step)
                     self._stop_if_diverged(step)  # the guard's counters are read when the window is
                 if self.log_cfg["visuals"] and step % self.log_cfg["visual_freq"] == 0:
                     self._write_visuals(step)
