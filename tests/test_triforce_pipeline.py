@@ -105,3 +105,28 @@ def test_a_wrong_or_incomplete_run_folder_is_exit_2_naming_it(runs, tmp_path, ca
 def test_no_caption_is_exit_2(runs, tmp_path, capsys):
     assert sample(runs, tmp_path / "out") == 2
     assert "error: --caption" in capsys.readouterr().err
+
+
+bench_spec = importlib.util.spec_from_file_location("triforce_colors", REPO / "scripts/bench/triforce_colors.py")
+triforce_colors = importlib.util.module_from_spec(bench_spec)
+bench_spec.loader.exec_module(triforce_colors)
+
+
+def colors_bench(runs: dict[str, Path], *extra) -> int:
+    args = ["--dvae", runs["dvae"], "--dalle", runs["dalle"], "--diffusion", runs["diffusion"], "--device", "cpu",
+            "--captions", 2, "--steps", 2, "--holdout", "red circle", *extra]
+    return triforce_colors.main([str(a) for a in args])
+
+
+def test_the_colours_bench_rates_seen_and_held_out_captions_with_the_sampling_options_it_was_given(runs, tmp_path):
+    assert colors_bench(runs, "--temperature", 0.5, "--top-k", 4, "--json", tmp_path / "c.json") == 0
+    report = yaml.safe_load((tmp_path / "c.json").read_text())
+    assert (report["temperature"], report["top_k"], report["holdout"]) == (0.5, 4, ["red circle"])
+    assert set(report["rates"]) == {"seen", "held-out"}
+    for kinds in report["rates"].values():
+        assert all(0 <= rate <= 1 for rates in kinds.values() for rate in rates.values())
+
+
+def test_the_colours_bench_names_a_bad_sampling_option_with_exit_2(runs, capsys):
+    assert colors_bench(runs, "--temperature", 0) == 2
+    assert "temperature" in capsys.readouterr().err

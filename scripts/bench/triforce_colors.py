@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", help="diffusion sampling steps (default: the diffusion run's)")
     parser.add_argument("--guidance-scale", type=float, default=3.0, help="the transformer's guidance (default 3)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="the transformer's sampling temperature")
+    parser.add_argument("--top-k", type=int, help="sample image tokens among the k most likely only")
     parser.add_argument("--holdout", action="append", help="a held-out combination (repeatable; default: the "
                                                            "dalle run's)")
     parser.add_argument("--device", default="auto")
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         triforce = load_pipeline_module()
         pipeline_args = triforce.parse_args(["--dvae", args.dvae, "--dalle", args.dalle, "--diffusion", args.diffusion,
                                              "--output", "unused", "--guidance-scale", str(args.guidance_scale),
+                                             "--temperature", str(args.temperature),
+                                             *(["--top-k", str(args.top_k)] if args.top_k else []),
                                              *(["--steps", args.steps] if args.steps else [])])
         pipeline = triforce.Pipeline(pipeline_args, select_device(args.device, option="--device"))
     except UserError as exc:
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     load = os.getloadavg()
     print(f"triforce colours: {args.captions} captions per group x {args.n} sample(s), seed {args.seed}, guidance "
-          f"{args.guidance_scale}; held out: {', '.join(holdout) or '(none)'}")
+          f"{args.guidance_scale}, temperature {args.temperature}, top-k {args.top_k}; "
+          f"held out: {', '.join(holdout) or '(none)'}")
     print(f"{seconds:.0f} s, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"{'group':<10}{'picture':<11}" + "".join(f"{c:>14}" for c in CHECKS))
     for group, kinds in results.items():
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"captions_per_group": args.captions, "samples": args.n,
                                                "seed": args.seed, "guidance_scale": args.guidance_scale,
+                                               "temperature": args.temperature, "top_k": args.top_k,
                                                "holdout": holdout, "seconds": seconds, "load_average": load,
                                                "rates": results}, indent=1))
     return 0
