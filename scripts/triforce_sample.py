@@ -33,22 +33,27 @@ from dlas.inference import save_image
 from dlas.inference.tasks import Request, build_task
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options :class:`Pipeline` reads: the three run folders and how to sample them."""
     parser.add_argument("--dvae", required=True, metavar="RUN", help="the dVAE's run folder (experiments/NAME)")
     parser.add_argument("--dalle", required=True, metavar="RUN", help="the DALL-E transformer's run folder")
     parser.add_argument("--diffusion", required=True, metavar="RUN", help="the diffusion upsampler's run folder")
-    parser.add_argument("--caption", action="append", default=[], help="a caption (repeatable)")
-    parser.add_argument("--captions", metavar="FILE", help="a text file with one caption per line")
-    parser.add_argument("--n", type=int, default=8, help="samples per caption (default 8)")
-    parser.add_argument("--seed", type=int, default=0, help="the seed (default 0)")
     parser.add_argument("--steps", help="diffusion sampling steps: a count, ddimN or a,b,c (default: the run's)")
     parser.add_argument("--temperature", type=float, default=1.0, help="the transformer's sampling temperature")
     parser.add_argument("--top-k", type=int, help="sample image tokens among the k most likely only")
     parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance of the transformer")
-    parser.add_argument("--save-decodes", action="store_true", help="also write each dVAE decode")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_pipeline_arguments(parser)
+    parser.add_argument("--caption", action="append", default=[], help="a caption (repeatable)")
+    parser.add_argument("--captions", metavar="FILE", help="a text file with one caption per line")
+    parser.add_argument("--n", type=int, default=8, help="samples per caption (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed (default 0)")
+    parser.add_argument("--save-decodes", action="store_true", help="also write each dVAE decode")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--output", required=True, help="the folder to write the PNGs into")
     return parser.parse_args(argv)

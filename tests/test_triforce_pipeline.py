@@ -3,6 +3,7 @@ untrained runs (the pipeline, not the quality: scripts/bench/triforce_colors.py 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -120,13 +121,14 @@ def colors_bench(runs: dict[str, Path], *extra) -> int:
 
 def test_the_colours_bench_rates_seen_and_held_out_captions_with_the_sampling_options_it_was_given(runs, tmp_path):
     assert colors_bench(runs, "--temperature", 0.5, "--top-k", 4, "--json", tmp_path / "c.json") == 0
-    report = yaml.safe_load((tmp_path / "c.json").read_text())
+    report = json.loads((tmp_path / "c.json").read_text())
     assert (report["temperature"], report["top_k"], report["holdout"]) == (0.5, 4, ["red circle"])
     assert set(report["rates"]) == {"seen", "held-out"}
     for kinds in report["rates"].values():
         assert all(0 <= rate <= 1 for rates in kinds.values() for rate in rates.values())
 
 
-def test_the_colours_bench_names_a_bad_sampling_option_with_exit_2(runs, capsys):
-    assert colors_bench(runs, "--temperature", 0) == 2
-    assert "temperature" in capsys.readouterr().err
+@pytest.mark.parametrize("flag, option", [("--temperature", "temperature"), ("--top-k", "top_k")])
+def test_the_colours_bench_names_a_bad_sampling_option_with_exit_2(runs, capsys, flag, option):
+    assert colors_bench(runs, flag, 0) == 2
+    assert option in capsys.readouterr().err

@@ -8,7 +8,8 @@ combinations.
 Captions come from the ``shapes`` dataset (variant 2, scenes no run trained or validated on): ``--captions`` of
 combinations the transformer saw in training and as many of the held-out combinations (``--holdout``; by default
 the ``holdout`` its training tokens were extracted with, read from their manifest). Each caption goes through
-scripts/triforce_sample.py's pipeline (``--n`` samples, seed ``--seed``); every final picture is read by
+scripts/triforce_sample.py's pipeline (``--n`` samples, seed ``--seed``, its sampling options, guidance 3 unless
+``--guidance-scale`` says otherwise); every final picture is read by
 ``dlas.data.shapes.classify_image``, which names the palette colour nearest the median of the border
 (background) and of the pixels most unlike it (the shape), and fits the four outlines. Reported per group: the
 share of pictures whose background colour, shape colour, both colours and shape kind are the caption's, for the
@@ -77,16 +78,13 @@ def score(images: torch.Tensor, item: dict[str, str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    triforce = load_pipeline_module()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for flag in ("--dvae", "--dalle", "--diffusion"):
-        parser.add_argument(flag, required=True, metavar="RUN")
+    triforce.add_pipeline_arguments(parser)  # the run folders and the sampling options, as triforce_sample.py's
+    parser.set_defaults(guidance_scale=3.0)
     parser.add_argument("--captions", type=int, default=60, help="captions per group (default 60)")
     parser.add_argument("--n", type=int, default=1, help="samples per caption (default 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", help="diffusion sampling steps (default: the diffusion run's)")
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="the transformer's guidance (default 3)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="the transformer's sampling temperature")
-    parser.add_argument("--top-k", type=int, help="sample image tokens among the k most likely only")
     parser.add_argument("--holdout", action="append", help="a held-out combination (repeatable; default: the "
                                                            "dalle run's)")
     parser.add_argument("--device", default="auto")
@@ -94,13 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         holdout = args.holdout if args.holdout is not None else trained_holdout(Path(args.dalle))
-        triforce = load_pipeline_module()
-        pipeline_args = triforce.parse_args(["--dvae", args.dvae, "--dalle", args.dalle, "--diffusion", args.diffusion,
-                                             "--output", "unused", "--guidance-scale", str(args.guidance_scale),
-                                             "--temperature", str(args.temperature),
-                                             *(["--top-k", str(args.top_k)] if args.top_k else []),
-                                             *(["--steps", args.steps] if args.steps else [])])
-        pipeline = triforce.Pipeline(pipeline_args, select_device(args.device, option="--device"))
+        pipeline = triforce.Pipeline(args, select_device(args.device, option="--device"))
     except UserError as exc:
         return report_user_errors(exc)
     start = time.perf_counter()
