@@ -184,7 +184,10 @@ def test_task_samples_are_reproducible_per_seed_and_independent_of_the_batch():
     assert torch.equal(first, ddpm(Request("x", image=image, seed=7, count=3)))
     assert not torch.allclose(first, ddpm(Request("x", image=image, seed=8, count=3)))
     one_at_a_time = diffusion_task(net, run_config(), sampler="ddpm", batch=1)
-    torch.testing.assert_close(one_at_a_time(Request("x", image=image, seed=7, count=2)), first[:2])
+    # the same draws; only float32 rounding may differ (the kernels differ by batch size, and DDPM's chain of steps
+    # carries a last-bit difference on: 1.2e-5 on one pixel in a CI run); a seeding slip is off by ~1, as seed 8 is
+    torch.testing.assert_close(one_at_a_time(Request("x", image=image, seed=7, count=2)), first[:2],
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_task_reads_the_process_from_the_runs_injector_and_options_override_it():
