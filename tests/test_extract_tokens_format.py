@@ -85,3 +85,35 @@ def test_large_codebooks_are_stored_as_int32(tmp_path):
     writer.add(torch.full((2, 2, 3), 39999), [{"id": "a", "caption": ""}, {"id": "b", "caption": ""}])
     writer.close()
     assert read_manifest(tmp_path)["token_dtype"] == "int32" and int(TokenShards(tmp_path)[1]["tokens"].max()) == 39999
+
+
+def test_a_shuffled_epoch_reads_each_shard_once_by_default(tmp_path, monkeypatch):
+    # A small cache under random access re-reads a shard for nearly every item (it made the loader,
+    # not the transformer, the bottleneck of triforce_dalle_shapes).
+    write(tmp_path, 40, shard_size=4)
+    shards = TokenShards(tmp_path)
+    reads = []
+    original = TokenShards._shard
+
+    def counting(self, index):
+        if index not in self._cache:
+            reads.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(TokenShards, "_shard", counting)
+    for i in torch.randperm(40, generator=torch.Generator().manual_seed(0)).tolist():
+        assert shards[i]["id"] == f"item{i}"
+    assert sorted(reads) == list(range(10))
+
+
+def test_captions_keep_unicode_line_separators_and_a_corrupt_record_names_its_file(tmp_path):
+    writer = TokenShardWriter(tmp_path, INFO, shard_size=4)
+    records = [{"id": "a", "caption": "one\u2028two"}, {"id": "b", "caption": "x"}]
+    writer.add(torch.zeros(2, 2, 3, dtype=torch.long), records)
+    writer.close()
+    assert TokenShards(tmp_path)[0]["caption"] == "one\u2028two" and TokenShards(tmp_path)[1]["id"] == "b"
+    lines = (tmp_path / "shard_00000.jsonl").read_text(encoding="utf-8").split("\n")
+    lines[1] = lines[1][:-3]
+    (tmp_path / "shard_00000.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(DataError, match="line 2 of shard_00000.jsonl is not JSON"):
+        TokenShards(tmp_path)[1]

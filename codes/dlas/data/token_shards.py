@@ -49,6 +49,7 @@ from dlas.errors import DataError
 FORMAT = "dlas-token-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+CACHE_BYTES = 512 * 2**20  # the default shard cache of a reader, per process, by the shards' file sizes
 
 
 def token_dtype(codebook_size: int) -> torch.dtype:
@@ -183,13 +184,17 @@ class TokenShards(torch.utils.data.Dataset):
     """Random access to a token-shard folder: ``shards[i] -> {"tokens": LongTensor [h, w], "caption": str,
     "id": str, ...}`` (plus the item's other string fields as extracted).
 
-    Shards are read on first use and the ``cache_shards`` most recently used are kept in memory (a 4096-item
-    shard of 32 x 32 int16 tokens is 8 MB). ``allow_incomplete`` reads a folder whose extraction has not finished
+    Shards are read on first use and the ``cache_shards`` most recently used are kept in memory; by default
+    (None) as many as fit in :data:`CACHE_BYTES` by their files' sizes, which is every shard of a small
+    extraction (64000 items of 8 x 8 tokens are 22 MB; a 4096-item shard of 32 x 32 int16 tokens is 8 MB
+    plus its captions). Random access over more shards than the cache holds reads a shard per item: keep the
+    cache at least as large as the shards a shuffled epoch touches. A record's JSON is parsed when its item
+    is read, not when its shard is. ``allow_incomplete`` reads a folder whose extraction has not finished
     (its finished shards); by default that is a DataError, since training on part of the data by accident is
     worse than an error. Attributes: ``grid`` (h, w), ``codebook_size``, ``manifest``.
     """
 
-    def __init__(self, folder: str | Path, cache_shards: int = 4, allow_incomplete: bool = False):
+    def __init__(self, folder: str | Path, cache_shards: int | None = None, allow_incomplete: bool = False):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         if not self.manifest["complete"] and not allow_incomplete:
@@ -204,13 +209,17 @@ class TokenShards(torch.utils.data.Dataset):
                 if not (self.folder / entry[key]).is_file():
                     raise DataError(f"the manifest lists {entry[key]}, which is missing", str(self.folder))
         self.count = sum(int(e["count"]) for e in self.shards)
+        if cache_shards is None:
+            sizes = [sum((self.folder / e[k]).stat().st_size for k in ("tokens", "captions")) for e in self.shards]
+            largest = max(sizes, default=1)
+            cache_shards = max(1, min(len(self.shards), CACHE_BYTES // max(1, largest)))
         self.cache_shards = max(1, cache_shards)
-        self._cache: OrderedDict[int, tuple[torch.Tensor, list[dict[str, str]]]] = OrderedDict()
+        self._cache: OrderedDict[int, tuple[torch.Tensor, list[str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return self.count
 
-    def _shard(self, index: int) -> tuple[torch.Tensor, list[dict[str, str]]]:
+    def _shard(self, index: int) -> tuple[torch.Tensor, list[str]]:
         if index in self._cache:
             self._cache.move_to_end(index)
             return self._cache[index]
@@ -218,8 +227,10 @@ class TokenShards(torch.utils.data.Dataset):
 
         entry = self.shards[index]
         tokens = load_file(str(self.folder / entry["tokens"]))["tokens"]
-        lines = (self.folder / entry["captions"]).read_text(encoding="utf-8").splitlines()
-        records = [json.loads(line) for line in lines]
+        # split on "\n" alone: a caption may hold other line separators (U+2028) that splitlines() splits on
+        records = (self.folder / entry["captions"]).read_text(encoding="utf-8").split("\n")
+        if records and not records[-1]:
+            records.pop()
         if tokens.shape[0] != entry["count"] or len(records) != entry["count"]:
             raise DataError(f"{entry['tokens']} holds {tokens.shape[0]} token grids and {entry['captions']} "
                             f"{len(records)} records, the manifest says {entry['count']}", str(self.folder))
@@ -242,7 +253,12 @@ class TokenShards(torch.utils.data.Dataset):
         index %= self.count
         shard, offset = divmod(index, self.shard_size)
         tokens, records = self._shard(shard)
-        return {"tokens": tokens[offset].long(), **records[offset]}
+        try:
+            record = json.loads(records[offset])
+        except json.JSONDecodeError as exc:
+            raise DataError(f"line {offset + 1} of {self.shards[shard]['captions']} is not JSON ({exc.msg})",
+                            str(self.folder)) from exc
+        return {"tokens": tokens[offset].long(), **record}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

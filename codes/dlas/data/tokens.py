@@ -25,12 +25,14 @@ class TokenShardDataset(torch.utils.data.Dataset):
       start / stop: use items ``start .. stop - 1`` of the concatenation (null stop: to the end); e.g. a
         validation set of the first 512 items (``stop: 512``) and training on the rest (``start: 512``).
       tokens_key: the state key of the tokens (the transformer's ``image_tokens`` input).
-      cache_shards: shards kept in memory per loader process (a 4096-item shard of 8 x 8 tokens is 0.5 MB).
+      cache_shards: shards kept in memory per loader process; null: as many as fit in 512 MB, which is every
+        shard of most extractions (a 4096-item shard of 8 x 8 tokens is 1.4 MB with its captions). A shuffled
+        epoch over more shards than the cache holds reads a shard for nearly every item.
       allow_incomplete: read a folder whose extraction has not finished (its finished shards only).
     """
 
     def __init__(self, paths: list[str], start: int = 0, stop: Optional[int] = None,
-                 tokens_key: str = "image_tokens", cache_shards: int = 4, allow_incomplete: bool = False):
+                 tokens_key: str = "image_tokens", cache_shards: Optional[int] = None, allow_incomplete: bool = False):
         if not paths:
             raise ConfigError("name at least one token-shard folder (written by scripts/extract_tokens.py)", "paths")
         self.parts = [TokenShards(path, cache_shards, allow_incomplete) for path in paths]
