@@ -126,6 +126,25 @@ def test_the_colours_bench_rates_seen_and_held_out_captions_with_the_sampling_op
     assert set(report["rates"]) == {"seen", "held-out"}
     for kinds in report["rates"].values():
         assert all(0 <= rate <= 1 for rates in kinds.values() for rate in rates.values())
+    assert [(r["group"], len(r["upsampled"]), len(r["decode"])) for r in report["captions"]] == \
+        [("seen", 1, 1)] * 2 + [("held-out", 1, 1)] * 2  # every caption, kept with what its pictures show
+    assert set(report["rates_by_size"]) == {"seen", "held-out"}
+
+
+def test_the_colours_bench_rates_are_shares_of_pictures_per_group_and_size():
+    def record(group, size, shown_colors, kind="circle"):
+        readings = [{"color": c, "background": "blue", "shape": kind} for c in shown_colors]
+        return {"group": group, "caption": "", "color": "red", "background": "blue", "shape": "circle",
+                "size": size, "upsampled": readings, "decode": readings[:1]}
+
+    records = [record("seen", "small", ["red", "green"]), record("seen", "large", ["red", "red"], "square"),
+               record("held-out", "large", ["green", "green"])]
+    results, by_size = triforce_colors.summarize(records)
+    assert results["seen"]["upsampled"] == {"background": 1.0, "shape colour": 0.75, "both colours": 0.75,
+                                            "shape kind": 0.5}
+    assert results["seen"]["decode"]["shape colour"] == 1.0 and results["held-out"]["upsampled"]["shape colour"] == 0
+    assert by_size["seen"]["small"]["shape colour"] == 0.5 and by_size["seen"]["large"]["shape colour"] == 1.0
+    assert by_size["seen"]["large"]["shape kind"] == 0.0 and set(by_size["held-out"]) == {"large"}
 
 
 @pytest.mark.parametrize("flag, option", [("--temperature", "temperature"), ("--top-k", "top_k")])

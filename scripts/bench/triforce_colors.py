@@ -13,7 +13,9 @@ scripts/triforce_sample.py's pipeline (``--n`` samples, seed ``--seed``, its sam
 ``dlas.data.shapes.classify_image``, which names the palette colour nearest the median of the border
 (background) and of the pixels most unlike it (the shape), and fits the four outlines. Reported per group: the
 share of pictures whose background colour, shape colour, both colours and shape kind are the caption's, for the
-upsampled picture and for the dVAE decode it came from. Prints ``os.getloadavg()`` with the numbers.
+upsampled picture and for the dVAE decode it came from, and the upsampled pictures' rates by the shape's size
+(small shapes cover about 2 x 2 of the 8 x 8 tokens). Prints ``os.getloadavg()`` with the numbers; ``--json``
+also keeps each caption with what its pictures show.
 """
 from __future__ import annotations
 
@@ -25,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 from dlas.build import select_device
@@ -64,17 +65,34 @@ def captions(holdout: list[str], count: int) -> dict[str, list[dict[str, str]]]:
     if holdout:
         groups["held-out"] = ShapesDataset(count=count, holdout=holdout, split="holdout", variant=2,
                                            new_each_epoch=False)
-    fields = ("caption", "color", "background", "shape")
+    fields = ("caption", "color", "background", "shape", "size")
     return {name: [{key: data[i][key] for key in fields} for i in range(count)] for name, data in groups.items()}
 
 
-def score(images: torch.Tensor, item: dict[str, str]) -> dict[str, int]:
-    hits = dict.fromkeys(CHECKS, 0)
-    for image in images:
-        seen = classify_image(image)
-        for check, keys in CHECKS.items():
-            hits[check] += all(seen[k] == item[k] for k in keys)
-    return hits
+def score(readings: list[dict[str, str]], item: dict[str, str]) -> dict[str, int]:
+    """How many of the pictures' readings (``classify_image``) pass each check against the caption's item."""
+    return {check: sum(all(seen[k] == item[k] for k in keys) for seen in readings) for check, keys in CHECKS.items()}
+
+
+def rates(records: list[dict], kind: str) -> dict[str, float]:
+    """The share of the ``kind`` pictures (``upsampled`` or ``decode``) of ``records`` passing each check."""
+    pictures = sum(len(record[kind]) for record in records)
+    totals = dict.fromkeys(CHECKS, 0)
+    for record in records:
+        for check, hits in score(record[kind], record).items():
+            totals[check] += hits
+    return {check: hits / max(1, pictures) for check, hits in totals.items()}
+
+
+def summarize(records: list[dict]) -> tuple[dict, dict]:
+    """Per group, the rates of both kinds of picture, and the upsampled pictures' rates per shape size."""
+    results, by_size = {}, {}
+    for group in dict.fromkeys(record["group"] for record in records):
+        mine = [record for record in records if record["group"] == group]
+        results[group] = {kind: rates(mine, kind) for kind in ("upsampled", "decode")}
+        by_size[group] = {size: rates([r for r in mine if r["size"] == size], "upsampled")
+                          for size in sorted({r["size"] for r in mine})}
+    return results, by_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,17 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         return report_user_errors(exc)
     start = time.perf_counter()
-    results: dict[str, dict[str, dict[str, float]]] = {}
+    readings: list[dict] = []
     for group, items in captions(holdout, args.captions).items():
-        totals = {"upsampled": dict.fromkeys(CHECKS, 0), "decode": dict.fromkeys(CHECKS, 0)}
         for item in items:
             decodes, images = pipeline(item["caption"], args.seed, args.n)
-            for kind, pictures in (("upsampled", images), ("decode", decodes)):
-                for check, hits in score(pictures, item).items():
-                    totals[kind][check] += hits
-        pictures = len(items) * args.n
-        results[group] = {kind: {check: hits / pictures for check, hits in counts.items()}
-                          for kind, counts in totals.items()}
+            readings.append({"group": group, **item, "upsampled": [classify_image(p) for p in images],
+                             "decode": [classify_image(p) for p in decodes]})
+    results, by_size = summarize(readings)
     seconds = time.perf_counter() - start
     load = os.getloadavg()
     print(f"triforce colours: {args.captions} captions per group x {args.n} sample(s), seed {args.seed}, guidance "
@@ -115,14 +129,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{seconds:.0f} s, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"{'group':<10}{'picture':<11}" + "".join(f"{c:>14}" for c in CHECKS))
     for group, kinds in results.items():
-        for kind, rates in kinds.items():
-            print(f"{group:<10}{kind:<11}" + "".join(f"{rates[c]:>14.1%}" for c in CHECKS))
+        for kind, shares in kinds.items():
+            print(f"{group:<10}{kind:<11}" + "".join(f"{shares[c]:>14.1%}" for c in CHECKS))
+    print("upsampled pictures by the shape's size:")
+    for group, sizes in by_size.items():
+        for size, shares in sizes.items():
+            count = sum(r["size"] == size for r in readings if r["group"] == group)
+            print(f"{group:<10}{f'{size} ({count})':<11}" + "".join(f"{shares[c]:>14.1%}" for c in CHECKS))
     if args.json:
         Path(args.json).write_text(json.dumps({"captions_per_group": args.captions, "samples": args.n,
                                                "seed": args.seed, "guidance_scale": args.guidance_scale,
                                                "temperature": args.temperature, "top_k": args.top_k,
                                                "holdout": holdout, "seconds": seconds, "load_average": load,
-                                               "rates": results}, indent=1))
+                                               "rates": results, "rates_by_size": by_size,
+                                               "captions": readings}, indent=1))
     return 0
 
 
