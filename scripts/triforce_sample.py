@@ -3,7 +3,8 @@
     python scripts/triforce_sample.py --dvae experiments/triforce_dvae_shapes \\
         --dalle experiments/triforce_dalle_shapes --diffusion experiments/triforce_diffusion_shapes \\
         --caption "a large red circle in the center on a blue background" --n 8 --seed 0 --output out/
-    python scripts/triforce_sample.py ... --captions captions.txt --steps 50 --guidance-scale 3 --output out/
+    python scripts/triforce_sample.py ... --captions captions.txt --steps 50 --guidance-scale 1.5 --temperature 0.5 \\
+        --output out/
 
 For each caption the dalle run's transformer writes ``--n`` token grids (the ``dalle`` task: temperature, top-k and
 classifier-free guidance as there), the dvae run's dVAE decodes them, and the diffusion run's upsampler (the

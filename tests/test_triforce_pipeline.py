@@ -120,9 +120,10 @@ def colors_bench(runs: dict[str, Path], *extra) -> int:
 
 
 def test_the_colours_bench_rates_seen_and_held_out_captions_with_the_sampling_options_it_was_given(runs, tmp_path):
-    assert colors_bench(runs, "--temperature", 0.5, "--top-k", 4, "--json", tmp_path / "c.json") == 0
+    assert colors_bench(runs, "--temperature", 0.8, "--top-k", 4, "--json", tmp_path / "c.json") == 0
     report = json.loads((tmp_path / "c.json").read_text())
-    assert (report["temperature"], report["top_k"], report["holdout"]) == (0.5, 4, ["red circle"])
+    assert (report["temperature"], report["top_k"], report["holdout"]) == (0.8, 4, ["red circle"])
+    assert report["guidance_scale"] == 1.5  # the shapes recipe's sampling, unless told otherwise
     assert set(report["rates"]) == {"seen", "held-out"}
     for kinds in report["rates"].values():
         assert all(0 <= rate <= 1 for rates in kinds.values() for rate in rates.values())

@@ -3,13 +3,14 @@ combinations.
 
     python scripts/bench/triforce_colors.py --dvae experiments/triforce_dvae_shapes \\
         --dalle experiments/triforce_dalle_shapes --diffusion experiments/triforce_diffusion_shapes \\
-        --captions 60 --json triforce_colors.json
+        --captions 100 --seed 1 --json triforce_colors.json
 
 Captions come from the ``shapes`` dataset (variant 2, scenes no run trained or validated on): ``--captions`` of
 combinations the transformer saw in training and as many of the held-out combinations (``--holdout``; by default
 the ``holdout`` its training tokens were extracted with, read from their manifest). Each caption goes through
-scripts/triforce_sample.py's pipeline (``--n`` samples, seed ``--seed``, its sampling options, guidance 3 unless
-``--guidance-scale`` says otherwise); every final picture is read by
+scripts/triforce_sample.py's pipeline (``--n`` samples, seed ``--seed``, its sampling options; by default the
+shapes recipe's: guidance 1.5 at temperature 0.5, the best of the sweep in docs/dalle.md); every final picture is
+read by
 ``dlas.data.shapes.classify_image``, which names the palette colour nearest the median of the border
 (background) and of the pixels most unlike it (the shape), and fits the four outlines. Reported per group: the
 share of pictures whose background colour, shape colour, both colours and shape kind are the caption's, for the
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     triforce = load_pipeline_module()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     triforce.add_pipeline_arguments(parser)  # the run folders and the sampling options, as triforce_sample.py's
-    parser.set_defaults(guidance_scale=3.0)
+    parser.set_defaults(guidance_scale=1.5, temperature=0.5)  # options/triforce_dalle_shapes.yml's evaluators'
     parser.add_argument("--captions", type=int, default=60, help="captions per group (default 60)")
     parser.add_argument("--n", type=int, default=1, help="samples per caption (default 1)")
     parser.add_argument("--seed", type=int, default=0)
