@@ -177,6 +177,44 @@ def test_folder_index_cache_is_reused_while_nothing_changed(hq_folder, tmp_path)
     assert "renamed.png" in [os.path.basename(f) for f in resolve_image_paths([str(hq_folder)])]
 
 
+def count_decodes(monkeypatch):
+    from dlas.data import file_index
+
+    names = []
+    real = file_index.decode_image
+    # a writable copy, as some decoders give (Pillow's arrays happen to be read-only already)
+    monkeypatch.setattr(file_index, "decode_image", lambda name: names.append(name) or np.array(real(name)))
+    return names
+
+
+def test_image_folder_decodes_each_image_once_per_process_and_gives_the_same_items(hq_folder, monkeypatch):
+    decoded = count_decodes(monkeypatch)
+    cfg = {"type": "image_folder", "paths": [str(hq_folder)], "target_size": 32}
+    cached, uncached = build(cfg), build({**cfg, "cache_mb": 0})
+    for epoch in range(3):
+        for index in range(len(cached)):
+            a, b = cached[(epoch, index)], uncached[(epoch, index)]
+            assert torch.equal(a["lq"], b["lq"]) and torch.equal(a["hq"], b["hq"])
+    assert len(decoded) == 5 + 15  # the cached dataset decoded each of its 5 files once; the other every time
+    with pytest.raises(ValueError, match="read-only"):  # a dataset writing into a cached image fails loudly
+        cached.files.decode(cached.files[0])[0, 0] = 0
+
+
+def test_the_decoded_image_cache_keeps_what_fits_its_budget(hq_folder, monkeypatch):
+    decoded = count_decodes(monkeypatch)
+    files = resolve_image_paths([str(hq_folder)])
+    files.cache_decoded(2.5 * 80 * 96 * 3 / 2**20)  # two of the 80 x 96 images fit, not three
+    for _ in range(2):
+        for name in files:
+            files.decode(name)
+    assert len(decoded) == 5 + 3 and sum(a.nbytes for a in files._decoded.values()) <= files.cache_bytes
+
+
+def test_a_negative_cache_budget_is_a_config_error_naming_cache_mb(hq_folder):
+    with pytest.raises(ConfigError, match="cache_mb"):
+        build({"type": "image_folder", "paths": [str(hq_folder)], "cache_mb": -1})
+
+
 # ------------------------------------------------------------------ paired_folder
 @pytest.fixture
 def pairs(tmp_path):

@@ -46,6 +46,7 @@ SKIMAGE_SETS: dict[str, tuple[str, ...]] = {
 SKIMAGE_SETS["all"] = SKIMAGE_SETS["color"] + SKIMAGE_SETS["gray"]
 
 _INDEX_VERSION = 1
+IMAGE_CACHE_MB = 256  # decoded images a dataset keeps in memory, per loader process, by default
 
 
 def skimage_data_dir() -> Path:
@@ -82,19 +83,44 @@ class ImageFiles(list):
     """The image names ``paths`` resolved to (what items' ``path`` shows), and how to decode each one.
 
     A plain list of names for every use of a list; :meth:`decode` reads a file by its path and an LMDB image
-    (``FOLDER.lmdb/NAME``) from its database.
+    (``FOLDER.lmdb/NAME``) from its database. With a cache budget (:meth:`cache_decoded`) the decoded arrays are
+    kept, read-only, until the budget is full, so that a dataset of a few photos decodes each once per process
+    instead of once per item (decoding a photo costs more than cropping, flipping and degrading the crop).
+    Nothing is evicted: over a dataset larger than the budget, the images that fit stay and the rest are decoded
+    each time, which is what any cache gets from uniformly random access.
     """
 
     def __init__(self, names: tuple[str, ...] | list[str] = ()):
         super().__init__(names)
         self.stores: list[LmdbStore] = []
+        self.cache_bytes = 0
+        self._decoded: dict[str, np.ndarray] = {}
+        self._decoded_bytes = 0
 
     def add_store(self, store: LmdbStore) -> None:
         self.stores.append(store)
         self.extend(store.names)
 
+    def cache_decoded(self, megabytes: int, key: str = "cache_mb") -> None:
+        """Keep decoded images up to ``megabytes`` MB (0: none); a negative budget is a ConfigError on ``key``."""
+        if megabytes < 0:
+            raise ConfigError(f"must be 0 (no cache) or a number of megabytes, got {megabytes}", key)
+        self.cache_bytes = int(megabytes * 2**20)
+
     def decode(self, name: str) -> np.ndarray:
-        """Image ``name`` as :func:`~dlas.data.image_file.decode_image` decodes it (raises UnreadableImage)."""
+        """Image ``name`` as :func:`~dlas.data.image_file.decode_image` decodes it (raises UnreadableImage); a
+        cached image comes back read-only, so a dataset that writes into it fails loudly instead of corrupting
+        the cache."""
+        array = self._decoded.get(name)
+        if array is None:
+            array = self._decode(name)
+            if self._decoded_bytes + array.nbytes <= self.cache_bytes:
+                array.flags.writeable = False
+                self._decoded[name] = array
+                self._decoded_bytes += array.nbytes
+        return array
+
+    def _decode(self, name: str) -> np.ndarray:
         for store in self.stores:
             if name.startswith(store.prefix) and name in store:
                 return store.decode(name)

@@ -7,7 +7,7 @@ import numpy as np
 
 from dlas.data.base import BadImage, SeededDataset
 from dlas.data.degradations import DegradationPipeline
-from dlas.data.file_index import resolve_image_paths
+from dlas.data.file_index import IMAGE_CACHE_MB, resolve_image_paths
 from dlas.data.image_file import UnreadableImage, to_rgb_float
 from dlas.data.transforms import flip_rotate, random_crop, to_tensor
 from dlas.errors import ConfigError
@@ -38,6 +38,8 @@ class ImageFolderDataset(SeededDataset):
     on_bad_image: ``skip`` (default) replaces unreadable, truncated or too-small images by another item and
         warns once per file (``dataset.bad_count`` counts them); ``error`` stops with the file's name.
     cache_index: cache folder listings, so restarting on 100k files is instant (default true).
+    cache_mb: decoded images kept in memory per loader process, in MB (default 256): a dataset of a few photos
+        is decoded once per worker instead of once per item; 0 turns it off.
     """
 
     keys = ("lq", "hq", "path")  # the state keys of every item (the trainer checks its graph against them)
@@ -45,13 +47,14 @@ class ImageFolderDataset(SeededDataset):
     def __init__(self, paths: list[str], target_size: int = 128, scale: int = 4, use_flip: bool = True,
                  use_rot: bool = True, degradations: Union[None, str, list[dict]] = None,
                  quantize_lq: bool = True, on_bad_image: Literal["skip", "error"] = "skip",
-                 cache_index: bool = True):
+                 cache_index: bool = True, cache_mb: int = IMAGE_CACHE_MB):
         super().__init__(on_bad_image)
         if scale < 1:
             raise ConfigError(f"must be a positive integer, got {scale}", "scale")
         if target_size < scale or target_size % scale:
             raise ConfigError(f"must be a positive multiple of scale ({scale}), got {target_size}", "target_size")
         self.files = resolve_image_paths(paths, "paths", cache_index)
+        self.files.cache_decoded(cache_mb)
         self.target_size = target_size
         self.scale = scale
         self.use_flip = use_flip

@@ -7,7 +7,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 
 from dlas.data.base import BadImage, SeededDataset
-from dlas.data.file_index import ImageFiles, resolve_image_paths
+from dlas.data.file_index import IMAGE_CACHE_MB, ImageFiles, resolve_image_paths
 from dlas.data.image_file import UnreadableImage, to_rgb_float
 from dlas.data.transforms import flip_rotate, paired_random_crop, to_tensor
 from dlas.errors import ConfigError, DataError
@@ -34,13 +34,16 @@ class PairedFolderDataset(SeededDataset):
     lq_suffix: what LQ stems add to HQ stems, e.g. ``x4`` for DIV2K's ``0001x4.png`` (default none).
     on_bad_image: ``skip`` (default) or ``error`` for unreadable or too-small images (see ``image_folder``).
     cache_index: cache folder listings (default true).
+    cache_mb: decoded images kept in memory per loader process, in MB (default 256): a dataset of a few photos
+        is decoded once per worker instead of once per item; 0 turns it off. HQ and LQ share it.
     """
 
     keys = ("lq", "hq", "path", "lq_path")  # every item's state keys (the trainer checks its graph with them)
 
     def __init__(self, lq_path: Union[str, list[str]], hq_path: Union[str, list[str]], scale: int = 4,
                  target_size: Optional[int] = 128, use_flip: bool = True, use_rot: bool = True,
-                 lq_suffix: str = "", on_bad_image: Literal["skip", "error"] = "skip", cache_index: bool = True):
+                 lq_suffix: str = "", on_bad_image: Literal["skip", "error"] = "skip", cache_index: bool = True,
+                 cache_mb: int = IMAGE_CACHE_MB):
         super().__init__(on_bad_image)
         if scale < 1:
             raise ConfigError(f"must be a positive integer, got {scale}", "scale")
@@ -48,6 +51,9 @@ class PairedFolderDataset(SeededDataset):
             raise ConfigError(f"must be a positive multiple of scale ({scale}), got {target_size}", "target_size")
         hq_files = resolve_image_paths(hq_path, "hq_path", cache_index)
         lq_files = resolve_image_paths(lq_path, "lq_path", cache_index)
+        hq_share = scale**2 / (scale**2 + 1)  # an HQ image is scale^2 times its LQ: both caches hold the same pairs
+        hq_files.cache_decoded(cache_mb * hq_share)
+        lq_files.cache_decoded(cache_mb * (1 - hq_share))
         self.pairs = _match_pairs(lq_files, hq_files, lq_suffix)
         self.lq_files, self.hq_files = lq_files, hq_files
         self.scale = scale

@@ -29,7 +29,7 @@ import numpy as np
 
 from dlas.data.base import BadImage, SeededDataset
 from dlas.data.degradations import resize_image
-from dlas.data.file_index import ImageFiles, resolve_image_paths
+from dlas.data.file_index import IMAGE_CACHE_MB, ImageFiles, resolve_image_paths
 from dlas.data.image_file import UnreadableImage, to_rgb_float
 from dlas.data.transforms import random_crop, to_tensor
 from dlas.errors import ConfigError, DataError
@@ -144,6 +144,8 @@ class TextImageDataset(SeededDataset):
     on_bad_image: ``skip`` (default) or ``error``, for undecodable, truncated or too-small images and missing
         captions.
     cache_index: cache folder listings (default true).
+    cache_mb: decoded images kept in memory per loader process, in MB (default 256): a dataset of a few photos
+        is decoded once per worker instead of once per item; 0 turns it off.
     """
 
     keys = ("hq", "caption", "path")  # the state keys of every item (the trainer checks its graph against them)
@@ -152,13 +154,14 @@ class TextImageDataset(SeededDataset):
                  crop: Literal["random", "center"] = "random", use_flip: bool = False,
                  caption_choice: Literal["random", "first"] = "random",
                  missing_caption: Literal["skip", "empty"] = "skip", on_bad_image: Literal["skip", "error"] = "skip",
-                 cache_index: bool = True):
+                 cache_index: bool = True, cache_mb: int = IMAGE_CACHE_MB):
         super().__init__(on_bad_image)
         if target_size is not None and target_size < 1:
             raise ConfigError(f"must be a positive number of pixels or null, got {target_size}", "target_size")
         if isinstance(paths, str):
             paths = [paths]
         self.files = ImageFiles()  # decodes files and LMDB images alike
+        self.files.cache_decoded(cache_mb)
         self.tables: dict[str, list[str]] = {}  # image -> captions, for the images of caption tables
         for i, entry in enumerate(paths):
             self._add_entry(str(entry), f"paths[{i}]", cache_index)
