@@ -1,6 +1,7 @@
 """What the device benchmarks share: their command-line options, a synchronised timer, the report header.
 
-Imported by ``flow_warp.py`` and ``norm_step_time.py`` from this folder (``python scripts/bench/NAME.py``).
+Imported by ``flow_warp.py``, ``norm_step_time.py`` and ``trainer_overhead.py`` from this folder
+(``python scripts/bench/NAME.py``).
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Samples/s of a config-driven ExtensibleTrainer step vs the hand-written PyTorch loop of the same math.
 
-    python scripts/bench/trainer_overhead.py [--device cpu|cuda] [--iters 50] [--nf 32] [--size 32]
+    python scripts/bench/trainer_overhead.py [--device cpu|cuda] [--iters 50] [--nf 32] [--size 32] [--threads N]
+        [--json FILE]
 
 Both run the same generator (``compact_sr``-sized conv net), the same Adam and L1 loss on the same batches,
 interleaved in rounds so that machine noise hits both alike. Prints a table and the overhead ratio
@@ -9,11 +10,13 @@ interleaved in rounds so that machine noise hits both alike. Prints a table and 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from harness import finish
 
 from dlas.config import resolve_config
 from dlas.registry import NETWORKS
@@ -58,7 +61,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--nf", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
     torch.manual_seed(0)
@@ -86,6 +93,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return args.iters * args.batch / (time.perf_counter() - start)
 
+    load_before = os.getloadavg()
     hand, cfg, ratios = [], [], []
     for i in range(args.rounds):
         # ABBA order and a per-round ratio: slow drifts of a shared machine cancel instead of biasing one side
@@ -96,11 +104,16 @@ def main() -> None:
         ratios.append(result["hand"] / result["cfg"])
     h, c, r = statistics.median(hand), statistics.median(cfg), statistics.median(ratios)
     print(f"device {device}, batch {args.batch}x3x{args.size}x{args.size}, nf {args.nf}, "
-          f"{args.rounds} rounds x {args.iters} iters (median)")
+          f"{args.rounds} rounds x {args.iters} iters (median); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads, load average {' '.join(f'{x:.2f}' for x in load_before)}")
     print(f"{'loop':<14}{'samples/s':>12}")
     print(f"{'hand-written':<14}{h:>12.1f}")
     print(f"{'config-driven':<14}{c:>12.1f}")
     print(f"overhead: {100 * (r - 1):+.2f}% (median of per-round ratios; target <= 3%)")
+    finish({"device": str(device), "batch": args.batch, "size": args.size, "nf": args.nf, "rounds": args.rounds,
+            "iters": args.iters, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average": load_before, "hand_samples_per_s": hand, "config_samples_per_s": cfg,
+            "ratios": ratios, "overhead_percent": 100 * (r - 1)}, args.json)
 
 
 if __name__ == "__main__":
