@@ -23,3 +23,11 @@ def test_trainer_overhead_bench_writes_its_rounds_to_json(tmp_path):
     ratios = sorted(report["ratios"])
     assert f"overhead: {report['overhead_percent']:+.2f}%" in result.stdout
     assert report["overhead_percent"] == pytest.approx(100 * ((ratios[0] + ratios[1]) / 2 - 1))
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--iters"])
+def test_trainer_overhead_bench_refuses_an_empty_measurement(option):
+    result = subprocess.run([sys.executable, str(REPO / "scripts/bench/trainer_overhead.py"), option, "0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert f"{option} must be >= 1" in result.stderr and "Traceback" not in result.stderr

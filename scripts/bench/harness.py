@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,8 +19,23 @@ import torch
 def add_options(parser: argparse.ArgumentParser, repeats: int) -> None:
     parser.add_argument("--repeats", type=int, default=repeats, help=f"timed calls per variant (default {repeats})")
     parser.add_argument("--device", nargs="+", default=["cpu", "cuda"], help="devices (cuda skipped if absent)")
+    add_report_options(parser)
+
+
+def add_report_options(parser: argparse.ArgumentParser) -> None:
+    """``--threads`` (see :func:`set_threads`) and ``--json`` (see :func:`finish`)."""
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def load_average(values: Sequence[float] | None = None) -> str:
+    """The load average (now, or ``values`` read earlier) as the tables print it."""
+    return " ".join(f"{x:.2f}" for x in (os.getloadavg() if values is None else values))
 
 
 def start(args: argparse.Namespace, title: str) -> tuple[list[torch.device], dict[str, Any]]:
@@ -28,11 +43,10 @@ def start(args: argparse.Namespace, title: str) -> tuple[list[torch.device], dic
     if args.repeats < 1:
         print(f"{title}: --repeats must be >= 1", file=sys.stderr)
         raise SystemExit(2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args)
     devices = [torch.device(d) for d in args.device if d != "cuda" or torch.cuda.is_available()]
     print(f"{title}, fastest of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads, "
-          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"load average {load_average()}")
     report = {"load_average": os.getloadavg(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "repeats": args.repeats, "results": []}
     return devices, report
@@ -55,7 +69,7 @@ def timed(fn: Callable[..., Any], *args: Any, device: torch.device) -> float:
 
 def finish(report: dict[str, Any], path: str | None) -> None:
     report["load_average_after"] = os.getloadavg()
-    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"load average after: {load_average()}")
     if path:
         with open(path, "w", encoding="utf-8") as file:
             json.dump(report, file, indent=1)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from harness import finish
+from harness import add_report_options, finish, load_average, set_threads
 
 from dlas.config import resolve_config
 from dlas.registry import NETWORKS
@@ -61,11 +62,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--nf", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    add_report_options(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    for name in ("iters", "rounds", "batch", "size", "nf"):
+        if getattr(args, name) < 1:
+            print(f"trainer_overhead: --{name} must be >= 1", file=sys.stderr)
+            raise SystemExit(2)
+    set_threads(args)
     device = torch.device(args.device)
 
     torch.manual_seed(0)
@@ -105,7 +108,7 @@ def main() -> None:
     h, c, r = statistics.median(hand), statistics.median(cfg), statistics.median(ratios)
     print(f"device {device}, batch {args.batch}x3x{args.size}x{args.size}, nf {args.nf}, "
           f"{args.rounds} rounds x {args.iters} iters (median); torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads, load average {' '.join(f'{x:.2f}' for x in load_before)}")
+          f"{torch.get_num_threads()} CPU threads, load average {load_average(load_before)}")
     print(f"{'loop':<14}{'samples/s':>12}")
     print(f"{'hand-written':<14}{h:>12.1f}")
     print(f"{'config-driven':<14}{c:>12.1f}")
