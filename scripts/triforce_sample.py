@@ -3,8 +3,7 @@
     python scripts/triforce_sample.py --dvae experiments/triforce_dvae_shapes \\
         --dalle experiments/triforce_dalle_shapes --diffusion experiments/triforce_diffusion_shapes \\
         --caption "a large red circle in the center on a blue background" --n 8 --seed 0 --output out/
-    python scripts/triforce_sample.py ... --captions captions.txt --steps 50 --guidance-scale 1.5 --temperature 0.5 \\
-        --output out/
+    python scripts/triforce_sample.py ... --captions captions.txt --steps 50 --guidance-scale 3 --output out/
 
 For each caption the dalle run's transformer writes ``--n`` token grids (the ``dalle`` task: temperature, top-k and
 classifier-free guidance as there), the dvae run's dVAE decodes them, and the diffusion run's upsampler (the
@@ -13,7 +12,9 @@ larger image. Written: ``OUTPUT/<caption>_seed<S>_<k>.png`` per sample (``--save
 before upsampling), and ``OUTPUT/grid.png`` with one row per caption. The same seed gives the same pictures:
 sample k of a caption upsamples with seed ``S * 1000 + k``.
 
-Each run uses its newest checkpoint's EMA weights (``--no-ema``: the raw ones). ``--captions FILE`` reads one
+The transformer samples as the dalle run's own evaluators did (their ``options:``: the shapes recipe's guidance 1.5
+at temperature 0.5); ``--temperature``, ``--top-k`` and ``--guidance-scale`` override each. Each run uses its
+newest checkpoint's EMA weights (``--no-ema``: the raw ones). ``--captions FILE`` reads one
 caption per line (blank lines and ``#`` comments skipped). Exit codes: 0 done; 2 a wrong or incomplete run folder
 (named with its flag), bad arguments or an unknown caption word; 1 otherwise.
 """
@@ -31,7 +32,7 @@ from dlas.build import RunNetworks, autocast, select_device
 from dlas.cli.test import caption_stem, report_user_errors
 from dlas.errors import ConfigError, UserError
 from dlas.inference import save_image
-from dlas.inference.tasks import Request, build_task
+from dlas.inference.tasks import Request, build_task, recipe_task_options
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +41,12 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dalle", required=True, metavar="RUN", help="the DALL-E transformer's run folder")
     parser.add_argument("--diffusion", required=True, metavar="RUN", help="the diffusion upsampler's run folder")
     parser.add_argument("--steps", help="diffusion sampling steps: a count, ddimN or a,b,c (default: the run's)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="the transformer's sampling temperature")
-    parser.add_argument("--top-k", type=int, help="sample image tokens among the k most likely only")
-    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance of the transformer")
+    parser.add_argument("--temperature", type=float,
+                        help="the transformer's sampling temperature (default: the dalle run's, else 1)")
+    parser.add_argument("--top-k", type=int, help="sample image tokens among the k most likely only "
+                                                  "(default: the dalle run's, else all)")
+    parser.add_argument("--guidance-scale", type=float,
+                        help="classifier-free guidance of the transformer (default: the dalle run's, else none)")
     parser.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
 
 
@@ -103,8 +107,13 @@ class Pipeline:
             raise ConfigError(f"the transformer writes tokens of a {vocabulary}-code vocabulary, but the dVAE of "
                               f"{args.dvae} has {codes} codes: they were not trained together", "--dalle")
         precision = autocast("fp32", device)
-        options = {"network": dalle, "dvae": dvae, "temperature": args.temperature, "top_k": args.top_k,
-                   "guidance_scale": args.guidance_scale}
+        # sampled as the dalle run's own evaluators sample it, unless a flag says otherwise
+        _, recipe = recipe_task_options(dalle_run.config, "dalle", dalle)
+        given = {"temperature": args.temperature, "top_k": args.top_k, "guidance_scale": args.guidance_scale}
+        self.sampling = {"temperature": 1.0, "top_k": None, "guidance_scale": None,
+                         **{k: v for k, v in recipe.items() if k in given},
+                         **{k: v for k, v in given.items() if v is not None}}
+        options = {"network": dalle, "dvae": dvae, **self.sampling}
         # the dalle run's transformer with the dvae run's decoder (the dalle run's own copy may differ)
         self.tokens_to_images = build_task("dalle", {dalle: dalle_run[dalle], dvae: dvae_run[dvae]},
                                            dalle_run.config, device, precision, options, "dalle")
@@ -137,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     if output.exists() and not output.is_dir():
         raise ConfigError(f"{output} is a file; --output is a folder", "--output")
     output.mkdir(parents=True, exist_ok=True)
+    print("sampling: " + ", ".join(f"{k} {v}" for k, v in pipeline.sampling.items()))
     rows = []
     for caption in captions:
         try:

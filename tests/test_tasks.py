@@ -15,7 +15,7 @@ from dlas.checkpoint import save_checkpoint
 from dlas.cli.test import main
 from dlas.errors import ConfigError
 from dlas.inference import load_image, save_image, tensor_to_uint8
-from dlas.inference.tasks import Request, build_task, default_task
+from dlas.inference.tasks import Request, build_task, default_task, recipe_task_options
 
 CPU = torch.device("cpu")
 
@@ -65,6 +65,30 @@ def test_captions_from_the_command_line_and_a_file_each_get_their_samples(sample
     # temperature 0: each image is its caption's grey level (length mod 10, in tenths)
     assert pixels(out / "a_red_circle_seed0_0.png").mean() == pytest.approx(0.2 * 255, abs=1)
     assert pixels(out / "abc_seed0_0.png").mean() == pytest.approx(0.3 * 255, abs=1)
+
+
+def test_a_run_samples_with_its_own_evaluator_s_options_unless_a_flag_says_otherwise(tmp_path, capsys):
+    still = {"samples": {"type": "samples", "network": "generator", "options": {"temperature": 0}}}
+    run = make_run(tmp_path, "eval_tiny_sampler", evaluators=still)
+    assert main(["--run", str(run), "--output", str(tmp_path / "recipe"), "--caption", "abc", "--n", "2"]) == 0
+    assert "sample options from the run's eval.samples: temperature=0" in capsys.readouterr().out
+    recipe = pixels(tmp_path / "recipe" / "abc_seed0_0.png")
+    assert recipe.min() == recipe.max() == pytest.approx(0.3 * 255, abs=1)  # temperature 0: no noise at all
+    out = tmp_path / "flag"
+    assert main(["--run", str(run), "--output", str(out), "--caption", "abc", "--task-option", "temperature=1"]) == 0
+    assert "options from the run's" not in capsys.readouterr().out
+    assert pixels(out / "abc_seed0_0.png").std() > 5  # the flag's temperature, not the recipe's
+
+
+def test_a_recipe_s_options_for_another_network_or_task_are_not_inherited():
+    config = {"networks": {"generator": {"type": "eval_tiny_sampler"}, "other": {"type": "eval_tiny_sampler"}},
+              "eval": {"a": {"type": "samples", "network": "other", "options": {"temperature": 0}},
+                       "b": {"type": "samples", "network": "generator", "task": "upscale", "options": {"tile": 8}},
+                       "c": {"type": "samples", "network": "generator", "options": {"network": "x", "temperature": 2}}}}
+    assert recipe_task_options(config, "sample", "generator") == ("eval.c", {"temperature": 2})
+    assert recipe_task_options(config, "sample", "other") == ("eval.a", {"temperature": 0})
+    assert recipe_task_options(config, "reconstruct", "generator") == ("", {})
+    assert recipe_task_options({"networks": config["networks"]}, "sample") == ("", {})
 
 
 @pytest.mark.parametrize("extra, flag, message", [

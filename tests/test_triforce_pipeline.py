@@ -32,11 +32,15 @@ DIFFUSION_STEPS = {"upsample": {"training": ["generator"], "optimizer": {"type":
 CAPTION = "a large red circle in the center on a blue background"
 
 
-def make_run(folder: Path, networks: dict, steps: dict | None = None) -> Path:
+RECIPE_SAMPLING = {"samples": {"type": "samples", "network": "dalle", "captions": [CAPTION],
+                               "options": {"guidance_scale": 1.5, "temperature": 0.5}}}
+
+
+def make_run(folder: Path, networks: dict, steps: dict | None = None, evaluators: dict | None = None) -> Path:
     """A run folder as training leaves it: config.yml and one complete checkpoint (random weights, EMA too)."""
     folder.mkdir(parents=True)
     (folder / "config.yml").write_text(yaml.safe_dump({"name": folder.name, "networks": networks,
-                                                       "steps": steps or {}}))
+                                                       "steps": steps or {}, "eval": evaluators or {}}))
     torch.manual_seed(len(folder.name))
     weights = {}
     for name, entry in networks.items():
@@ -50,7 +54,7 @@ def make_run(folder: Path, networks: dict, steps: dict | None = None) -> Path:
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("triforce")
     return {"dvae": make_run(root / "dvae", {"dvae": DVAE}),
-            "dalle": make_run(root / "dalle", {"dalle": DALLE, "dvae": DVAE}),
+            "dalle": make_run(root / "dalle", {"dalle": DALLE, "dvae": DVAE}, evaluators=RECIPE_SAMPLING),
             "diffusion": make_run(root / "diffusion", {"generator": UNET}, DIFFUSION_STEPS)}
 
 
@@ -103,6 +107,33 @@ def test_a_wrong_or_incomplete_run_folder_is_exit_2_naming_it(runs, tmp_path, ca
     assert f"error: {flag}: {folder}" in err and message in err and "Traceback" not in err
 
 
+def pipeline_sampling(runs: dict[str, Path], *flags) -> dict:
+    args = triforce_sample.parse_args([str(a) for a in ["--dvae", runs["dvae"], "--dalle", runs["dalle"],
+                                                        "--diffusion", runs["diffusion"], "--output", "x", *flags]])
+    return triforce_sample.Pipeline(args, torch.device("cpu")).sampling
+
+
+def test_the_transformer_samples_as_its_run_s_evaluators_do_unless_a_flag_says_otherwise(runs, tmp_path):
+    assert pipeline_sampling(runs) == {"temperature": 0.5, "top_k": None, "guidance_scale": 1.5}
+    assert pipeline_sampling(runs, "--temperature", 1, "--top-k", 3) == \
+        {"temperature": 1.0, "top_k": 3, "guidance_scale": 1.5}
+    plain = {**runs, "dalle": make_run(tmp_path / "plain", {"dalle": DALLE, "dvae": DVAE})}
+    assert pipeline_sampling(plain) == {"temperature": 1.0, "top_k": None, "guidance_scale": None}
+
+
+def test_dlas_test_samples_a_dalle_run_with_its_recipe_s_options_and_the_temperature_flag_replaces_one(
+        runs, tmp_path, capsys):
+    from dlas.cli.test import main as dlas_test
+
+    assert dlas_test(["--run", str(runs["dalle"]), "--caption", CAPTION, "--n", "1", "--device", "cpu",
+                      "--output", str(tmp_path / "a")]) == 0
+    assert "dalle options from the run's eval.samples: guidance_scale=1.5, temperature=0.5" in capsys.readouterr().out
+    assert dlas_test(["--run", str(runs["dalle"]), "--caption", CAPTION, "--n", "1", "--device", "cpu",
+                      "--temperature", "0.7", "1.0", "--output", str(tmp_path / "b")]) == 0
+    assert "from the run's eval.samples: guidance_scale=1.5 (" in capsys.readouterr().out
+    assert len(list((tmp_path / "b").glob("*_seed0_*.png"))) == 2  # one sample at each flag temperature
+
+
 def test_no_caption_is_exit_2(runs, tmp_path, capsys):
     assert sample(runs, tmp_path / "out") == 2
     assert "error: --caption" in capsys.readouterr().err
@@ -123,7 +154,7 @@ def test_the_colours_bench_rates_seen_and_held_out_captions_with_the_sampling_op
     assert colors_bench(runs, "--temperature", 0.8, "--top-k", 4, "--json", tmp_path / "c.json") == 0
     report = json.loads((tmp_path / "c.json").read_text())
     assert (report["temperature"], report["top_k"], report["holdout"]) == (0.8, 4, ["red circle"])
-    assert report["guidance_scale"] == 1.5  # the shapes recipe's sampling, unless told otherwise
+    assert report["guidance_scale"] == 1.5  # the dalle run's own sampling, unless told otherwise
     assert set(report["rates"]) == {"seen", "held-out"}
     for kinds in report["rates"].values():
         assert all(0 <= rate <= 1 for rates in kinds.values() for rate in rates.values())

@@ -8,14 +8,13 @@ combinations.
 Captions come from the ``shapes`` dataset (variant 2, scenes no run trained or validated on): ``--captions`` of
 combinations the transformer saw in training and as many of the held-out combinations (``--holdout``; by default
 the ``holdout`` its training tokens were extracted with, read from their manifest). Each caption goes through
-scripts/triforce_sample.py's pipeline (``--n`` samples, seed ``--seed``, its sampling options; by default the
-shapes recipe's: guidance 1.5 at temperature 0.5, the best of the sweep in docs/dalle.md); every final picture is
-read by
-``dlas.data.shapes.classify_image``, which names the palette colour nearest the median of the border
-(background) and of the pixels most unlike it (the shape), and fits the four outlines. Reported per group: the
-share of pictures whose background colour, shape colour, both colours and shape kind are the caption's, for the
-upsampled picture and for the dVAE decode it came from, and the upsampled pictures' rates by the shape's size
-(small shapes cover about 2 x 2 of the 8 x 8 tokens). Prints ``os.getloadavg()`` with the numbers; ``--json``
+scripts/triforce_sample.py's pipeline (``--n`` samples, seed ``--seed``, its sampling options; by default the dalle
+run's own, for the shapes recipe guidance 1.5 at temperature 0.5, the best of the sweep in docs/dalle.md); every
+final picture is read by ``dlas.data.shapes.classify_image``, which names the palette colour nearest the median of
+the border (background) and of the pixels most unlike it (the shape), and fits the four outlines. Reported per
+group: the share of pictures whose background colour, shape colour, both colours and shape kind are the caption's,
+for the upsampled picture and for the dVAE decode it came from, and the upsampled pictures' rates by the shape's
+size (small shapes cover about 2 x 2 of the 8 x 8 tokens). Prints ``os.getloadavg()`` with the numbers; ``--json``
 also keeps each caption with what its pictures show.
 """
 from __future__ import annotations
@@ -100,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     triforce = load_pipeline_module()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     triforce.add_pipeline_arguments(parser)  # the run folders and the sampling options, as triforce_sample.py's
-    parser.set_defaults(guidance_scale=1.5, temperature=0.5)  # options/triforce_dalle_shapes.yml's evaluators'
     parser.add_argument("--captions", type=int, default=60, help="captions per group (default 60)")
     parser.add_argument("--n", type=int, default=1, help="samples per caption (default 1)")
     parser.add_argument("--seed", type=int, default=0)
@@ -124,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     results, by_size = summarize(readings)
     seconds = time.perf_counter() - start
     load = os.getloadavg()
+    sampling = pipeline.sampling
     print(f"triforce colours: {args.captions} captions per group x {args.n} sample(s), seed {args.seed}, guidance "
-          f"{args.guidance_scale}, temperature {args.temperature}, top-k {args.top_k}; "
+          f"{sampling['guidance_scale']}, temperature {sampling['temperature']}, top-k {sampling['top_k']}; "
           f"held out: {', '.join(holdout) or '(none)'}")
     print(f"{seconds:.0f} s, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"{'group':<10}{'picture':<11}" + "".join(f"{c:>14}" for c in CHECKS))
@@ -139,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{group:<10}{f'{size} ({count})':<11}" + "".join(f"{shares[c]:>14.1%}" for c in CHECKS))
     if args.json:
         Path(args.json).write_text(json.dumps({"captions_per_group": args.captions, "samples": args.n,
-                                               "seed": args.seed, "guidance_scale": args.guidance_scale,
-                                               "temperature": args.temperature, "top_k": args.top_k,
+                                               "seed": args.seed, **sampling,
                                                "holdout": holdout, "seconds": seconds, "load_average": load,
                                                "rates": results, "rates_by_size": by_size,
                                                "captions": readings}, indent=1))

@@ -241,7 +241,7 @@ def run_task(args: argparse.Namespace) -> int:
     from dlas.build import RunNetworks, autocast, select_device
     from dlas.data.image_file import IMAGE_EXTENSIONS
     from dlas.inference import list_images, load_image, prepare_output_folder, save_image
-    from dlas.inference.tasks import build_task, default_task
+    from dlas.inference.tasks import build_task, default_task, recipe_task_options
 
     if not args.output:
         raise ConfigError("--run needs --output DIR", "arguments")
@@ -260,9 +260,16 @@ def run_task(args: argparse.Namespace) -> int:
     device = select_device(args.device, option="--device")
     networks = RunNetworks(args.run, args.step, args.best, args.ema, device)
     name = args.task or default_task(networks.config, args.network)
+    options = task_options(args)
+    source, recipe = recipe_task_options(networks.config, name, args.network)
+    inherited = {k: v for k, v in recipe.items() if k not in options and not (k == "temperature" and
+                                                                               "temperatures" in options)}
+    if inherited:
+        print(f"{name} options from the run's {source}: " + ", ".join(f"{k}={v}" for k, v in inherited.items())
+              + " (a flag or --task-option overrides each)")
     try:
         task = build_task(name, networks, networks.config, device,
-                          autocast(args.precision or "fp32", device, "--precision"), task_options(args))
+                          autocast(args.precision or "fp32", device, "--precision"), {**inherited, **options})
     except ConfigError as exc:
         if exc.problems and exc.problems[0].path == "task.type":
             raise ConfigError(exc.problems[0].message, "--task") from None

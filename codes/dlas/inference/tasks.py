@@ -101,6 +101,22 @@ def default_task(config: Mapping[str, Any], network: Optional[str] = None) -> st
     return getattr(NETWORKS.get(entry["type"]), "inference_task", "upscale")
 
 
+def recipe_task_options(config: Mapping[str, Any], task: str, network: Optional[str] = None) -> tuple[str, dict]:
+    """How the run's own recipe runs ``task`` on ``network``: ``(eval.NAME, options)`` of its first evaluator
+    that does, with an ``options:`` mapping (``("", {})`` when none does).
+
+    ``dlas-test --run`` and ``scripts/triforce_sample.py`` start from these, so that a run samples the way its
+    validation did (a dalle recipe's guidance and temperature) unless a flag says otherwise.
+    """
+    network = network or default_network_name(config)
+    for name, entry in (config.get("eval") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("options"), dict) or entry.get("network") != network:
+            continue
+        if (entry.get("task") or default_task(config, network)) == task:
+            return f"eval.{name}", {k: v for k, v in entry["options"].items() if k != "network"}
+    return "", {}
+
+
 @TASKS.register("upscale")
 class UpscaleTask(Task):
     """Upscale or restore an image with an image-to-image network (an SR generator), as ``dlas-test`` does.
