@@ -169,6 +169,18 @@ def test_compact_sr_upsamples_and_learns():
     assert net.body[-1].weight.grad.abs().sum() > 0  # the zero-initialised last conv learns first
 
 
+def test_compact_sr_s_body_carries_the_input_to_its_last_conv_at_init():
+    # with PyTorch's default init the features shrank by ~1/sqrt(3) a layer until only the biases were left: the
+    # last conv then saw the same features for every input, and training stalled at bicubic quality
+    torch.manual_seed(0)
+    net = build("compact_sr", nf=32, num_conv=8, scale=4)
+    x = torch.rand(8, 3, 16, 16)
+    features = net.body[:-1](x)
+    assert 0.5 < features.std() / x.std() < 4
+    other = net.body[:-1](torch.rand(8, 3, 16, 16))
+    assert (features - other).std() > 0.5 * features.std()  # they depend on the input, not only on the biases
+
+
 @pytest.mark.parametrize("mode", ["nearest", "bilinear", "bicubic"])
 def test_compact_sr_starts_as_its_plain_upsampler(mode):
     net = build("compact_sr", nf=16, num_conv=2, scale=2, upsample=mode)

@@ -30,7 +30,9 @@ class CompactSR(nn.Module):
         scale: upsampling factor (1-8).
         upsample: how the input is upsampled for the global residual: ``nearest`` (Real-ESRGAN's choice) or
             ``bilinear``/``bicubic`` (smoother, so the network only has to learn the detail). The last conv starts
-            at zero, so the untrained network *is* this upsampler; with ``bicubic`` it starts at bicubic PSNR.
+            at zero, so the untrained network *is* this upsampler; with ``bicubic`` it starts at bicubic PSNR. The
+            other convs start with He et al.'s PReLU init and zero biases, so the body passes the input on at any
+            depth (see docs/sr.md).
         norm: ``none`` (Real-ESRGAN) or ``batch``, ``group`` (8 groups; nf a multiple of 8), ``instance``: a
             normalization layer between every conv but the last and its PReLU (the convs lose their biases, and
             the layers' indices in ``body`` shift, so Real-ESRGAN's files load only with ``none``).
@@ -53,6 +55,15 @@ class CompactSR(nn.Module):
             if norm != "none":  # no Identity placeholders: they would shift Real-ESRGAN's body.N indices
                 layers.append(norm_layer(norm, nf))
             layers.append(nn.PReLU(nf))
+        for layer in layers:
+            if isinstance(layer, nn.Conv2d):
+                # He et al.'s init for PReLU (slope 0.25 at init), and zero biases. PyTorch's default init scales a
+                # layer's output by about 1/sqrt(3), so after four layers the features were the biases alone,
+                # the same for every input: the body started as a constant and, with the zero last conv, training
+                # sat at bicubic quality for hundreds of steps or for good (batch 8, or lr 3e-3).
+                nn.init.kaiming_normal_(layer.weight, a=0.25, nonlinearity="leaky_relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
         last = nn.Conv2d(nf, out_nc * scale * scale, 3, 1, 1)
         # Zero-init so the untrained network is exactly the plain upsampler: training starts at interpolation
         # quality instead of below it, and every step that lowers the loss improves on it.
