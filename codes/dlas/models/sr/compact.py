@@ -9,6 +9,7 @@ from torch import nn
 
 from dlas.errors import ConfigError
 from dlas.models.ops.norm import NormKind, check_norm_channels, norm_layer
+from dlas.models.sr.rrdbnet import scaled_kaiming_init
 from dlas.registry import NETWORKS
 
 
@@ -55,15 +56,11 @@ class CompactSR(nn.Module):
             if norm != "none":  # no Identity placeholders: they would shift Real-ESRGAN's body.N indices
                 layers.append(norm_layer(norm, nf))
             layers.append(nn.PReLU(nf))
-        for layer in layers:
-            if isinstance(layer, nn.Conv2d):
-                # He et al.'s init for PReLU (slope 0.25 at init), and zero biases. PyTorch's default init scales a
-                # layer's output by about 1/sqrt(3), so after four layers the features were the biases alone,
-                # the same for every input: the body started as a constant and, with the zero last conv, training
-                # sat at bicubic quality for hundreds of steps or for good (batch 8, or lr 3e-3).
-                nn.init.kaiming_normal_(layer.weight, a=0.25, nonlinearity="leaky_relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
+        # He et al.'s init for PReLU (slope 0.25 at init), and zero biases. PyTorch's default init scales a layer's
+        # output by about 1/sqrt(3), so after four layers the features were the biases alone, the same for every
+        # input: the body started as a constant and, with the zero last conv, training sat at bicubic quality for
+        # hundreds of steps, at batch 8 for good.
+        scaled_kaiming_init(layers, 1.0, negative_slope=0.25)
         last = nn.Conv2d(nf, out_nc * scale * scale, 3, 1, 1)
         # Zero-init so the untrained network is exactly the plain upsampler: training starts at interpolation
         # quality instead of below it, and every step that lowers the loss improves on it.

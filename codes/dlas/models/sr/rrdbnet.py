@@ -24,12 +24,16 @@ from dlas.registry import NETWORKS
 RESIDUAL_INIT_SCALE = 0.1
 
 
-def scaled_kaiming_init(modules: list[nn.Module], scale: float) -> None:
-    """Kaiming-normal (fan-in, a=0) init of every conv/linear in ``modules``, weights multiplied by ``scale``."""
+def scaled_kaiming_init(modules: list[nn.Module], scale: float, negative_slope: float = 0.0) -> None:
+    """Kaiming-normal (fan-in) init of every conv/linear in ``modules``, weights multiplied by ``scale``, biases zero.
+
+    ``negative_slope`` is the slope of the (leaky) ReLU or PReLU after the layers: 0 for ReLU, 0.2 for LeakyReLU(0.2),
+    0.25 for a PReLU at its initial slope.
+    """
     for module in modules:
         for layer in module.modules():
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_normal_(layer.weight)
+                nn.init.kaiming_normal_(layer.weight, a=negative_slope)
                 layer.weight.data.mul_(scale)
                 if layer.bias is not None:
                     layer.bias.data.zero_()
