@@ -112,7 +112,8 @@ def test_describe_prints_options_and_docstring(capsys):
     assert "nf: integer = 4" in out and "act: 'relu' | 'lrelu' = 'relu'" in out
     # the keys the trainer handles on every network entry are part of what a network accepts
     framework = out.split("framework keys (any network entry")[1]
-    for key in ("channels_last: boolean = False", "checkpointing:", "compile:", "frozen:", "ema: boolean = True"):
+    for key in ("channels_last: boolean or 'auto' = False", "checkpointing:", "compile:", "frozen:",
+                "ema: boolean = True"):
         assert key in framework
 
 

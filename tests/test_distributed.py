@@ -138,3 +138,12 @@ def test_fsdp_on_two_processes_equals_one_process_resumes_and_loads_unsharded(tm
     m = weights(tmp_path, "mixed", 2)
     assert m["gen/body.0.weight"].dtype == torch.float32 and all(torch.isfinite(v).all() for v in m.values())
     assert not torch.equal(m["gen/body.0.weight"], weights(tmp_path, "halves", 2)["gen/body.0.weight"])
+
+
+def test_precision_auto_under_two_processes_trains_and_saves_the_choice_rank_0_logged(tmp_path, plugin_env):
+    result = launch(config(tmp_path, "auto", 2, precision="auto"), 2, plugin_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "experiments" / "auto" / "train.log").read_text()
+    assert log.count("auto: fp32; measured") + log.count("auto: bf16; measured") == 1  # rank 0 logs it
+    state = ckpt.load_state(ckpt.checkpoint_root(tmp_path / "experiments" / "auto") / "2")
+    assert log.split("auto: ")[1].startswith(f"{state['speed']['precision']}; measured")

@@ -37,6 +37,21 @@ class TestCritic(torch.nn.Module):
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+@NETWORKS.register("test_flattening")
+class Flattening(torch.nn.Module):
+    """A conv whose features are flattened with ``view``, as much user code does: it cannot run channels_last
+    (view needs contiguous memory), so it tests that such a combination is left out, not fatal."""
+
+    def __init__(self, nf: int = 4, size: int = 8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, nf, 3, padding=1)
+        self.head = torch.nn.Linear(nf * size * size, 3 * size * size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.conv(x))
+        return self.head(features.view(len(x), -1)).view(x.shape)
+
+
 @DATASETS.register("test_random_pairs")
 class RandomPairs(torch.utils.data.Dataset):
     """``length`` fixed random (lq, hq) pairs of ``size``x``size``; hq is a smooth function of lq."""

@@ -176,7 +176,7 @@ class FrozenWindow:
 class NetworkKeys:
     """Per-network switches handled by the trainer."""
 
-    channels_last: bool = False
+    channels_last: Union[bool, Literal["auto"]] = False  # auto: measured at the start (dlas.trainer.speed)
     # torch.compile: true (mode default), or a mode; reduce-overhead captures CUDA graphs
     compile: Union[bool, Literal["default", "reduce-overhead", "max-autotune"]] = False
     checkpointing: bool = False
@@ -335,7 +335,7 @@ class ConfigSchema:
     name: str
     seed: int = _min(0, 0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"  # auto: fp32 or bf16, measured at the start
     imports: list[str] = field(default_factory=list)
     datasets: dict[str, Annotated[dict, Component("dataset", keys=LoaderKeys)]] = field(default_factory=dict)
     networks: dict[str, Annotated[dict, Component("network", keys=NetworkKeys)]] = field(default_factory=dict)

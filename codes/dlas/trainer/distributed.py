@@ -65,6 +65,12 @@ class Distributed:
         torch_dist.all_gather_object(gathered, state)
         return dict(enumerate(gathered))
 
+    def broadcast_object(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object)."""
+        holder = [value]
+        torch_dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
     def barrier(self) -> None:
         torch_dist.barrier()
 

@@ -20,8 +20,9 @@ from dlas import build
 from dlas import checkpoint as ckpt
 from dlas.errors import ConfigError, DataError, Problem, UserError
 from dlas.evaluators.base import EvalContext, Validation
+from dlas.trainer import speed
 from dlas.trainer.loop import TrainLoop
-from dlas.trainer.rng import check_rng_state, set_rng_state
+from dlas.trainer.rng import check_rng_state, rng_state, set_rng_state
 from dlas.trainer.signals import StopSignals
 from dlas.trainer.trainer import ExtensibleTrainer
 from dlas.weights import compare_state_dicts
@@ -50,13 +51,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def sample_batch(cfg: Mapping[str, Any], dataset: Any, name: str = "train") -> dict[str, Any]:
-    """A batch of the dataset's first two items (one if it has one), collated as training will, for the start-up
-    checks (so items that cannot be batched stop the run before it starts)."""
+def sample_batch(cfg: Mapping[str, Any], dataset: Any, name: str = "train",
+                 size: Optional[int] = None) -> dict[str, Any]:
+    """A batch collated as training will: of the dataset's first two items (one if it has one) for the start-up
+    checks (so items that cannot be batched stop the run before it starts), or of ``size`` items (the first ones,
+    repeated if it has fewer) for measuring a step."""
     from dlas.data.collate import ItemCollator
 
     collate = ItemCollator(name, cfg["datasets"][name]["item_keys"])
-    return collate([dataset[i] for i in range(min(2, len(dataset)))])
+    indices = range(min(2, len(dataset))) if size is None else [i % len(dataset) for i in range(size)]
+    return collate([dataset[i] for i in indices])
 
 
 def check_on_data(cfg: Mapping[str, Any], trainer: ExtensibleTrainer, dataset: Any) -> None:
@@ -64,6 +68,18 @@ def check_on_data(cfg: Mapping[str, Any], trainer: ExtensibleTrainer, dataset: A
     batch = sample_batch(cfg, dataset)
     trainer.check_graph(batch.keys())
     trainer.dry_run(batch)
+
+
+def measure_speed(cfg: Mapping[str, Any], device: torch.device, dist: Any, dataset: Any,
+                  rank_batch: int) -> speed.Choice:
+    """``precision``/``channels_last: auto`` measured on a full batch of ``dataset`` (:mod:`dlas.trainer.speed`);
+    under torchrun every rank measures and rank 0's choice is returned on all."""
+    batch = sample_batch(cfg, dataset, size=rank_batch)
+    choice, report = speed.measure(cfg, device, batch, lambda probe_cfg: ExtensibleTrainer(probe_cfg, device))
+    if dist:
+        choice = dist.broadcast_object(choice)
+    log.info("auto: %s; %s", speed.describe(choice), report)
+    return choice
 
 
 def load_pretrained(cfg: Mapping[str, Any], trainer: ExtensibleTrainer) -> None:
@@ -130,6 +146,8 @@ def state_problems(state: Mapping[str, Any]) -> list[str]:
             check_rng_state(saved)
         except Exception as exc:  # noqa: BLE001 (untrusted data: any failure means it cannot be used)
             problems.append(f"the RNG state of rank {rank} is unusable ({type(exc).__name__})")
+    if "speed" in state and (problem := speed.speed_problem(state["speed"])):
+        problems.append(problem)
     types = state.get("types", {})
     if not isinstance(types, dict) or not all(isinstance(v, dict) for v in types.values()):
         problems.append("'types' (the optimizer and scheduler classes) is malformed")
@@ -299,6 +317,7 @@ def _train(cfg: Mapping[str, Any], run_dir: Path, fresh: bool, on_start: Optiona
     seed = cfg["seed"]
     seed_everything(seed)  # the same on every rank, so networks start identical
     datasets = build.build_datasets(cfg)
+    construction_rng = rng_state()  # a trainer rebuilt for precision/channels_last: auto starts from these weights
     trainer = ExtensibleTrainer(cfg, device, dist=dist)
     world = dist.world_size if dist else 1
     batch_size = tcfg["batch_size"]
@@ -313,6 +332,17 @@ def _train(cfg: Mapping[str, Any], run_dir: Path, fresh: bool, on_start: Optiona
     evaluators = build.build_evaluators(cfg)
 
     checkpoint = choose_checkpoint(cfg, run_dir, fresh)
+    if speed.has_auto(cfg):
+        choice = speed.recorded_choice(cfg, checkpoint.state if checkpoint else None)
+        if choice is None:
+            del trainer  # the measurement's throwaway trainers need the memory
+            choice = measure_speed(cfg, device, dist, datasets["train"], batch_size // world)
+        else:
+            log.info("auto: %s, as measured when this run started", speed.describe(choice))
+        set_rng_state(construction_rng)  # built and checked as a config saying the choice would be
+        trainer = ExtensibleTrainer(speed.apply_choice(cfg, choice), device, dist=dist)
+        trainer.speed = choice
+        check_on_data(cfg, trainer, datasets["train"])
     if checkpoint:
         log.info("resuming from checkpoint %s (step %d)", checkpoint.folder, checkpoint.step)
         restore(trainer, checkpoint, rank)

@@ -88,7 +88,9 @@ class ExtensibleTrainer:
         self.cfg = cfg
         self.device = device
         train = cfg["train"]
-        self.precision = cfg["precision"]
+        # auto (dlas.trainer.speed) is measured before the run's trainer is built; until then it means the defaults
+        self.precision = "fp32" if cfg["precision"] == "auto" else cfg["precision"]
+        self.speed: Optional[dict[str, Any]] = None  # what auto chose, saved with each checkpoint
         self.autocast = autocast(self.precision, device)
         self.mega_batch_factor = train["mega_batch_factor"]
         self.strategy = train["distributed"] if dist is not None else None  # ddp | fsdp under torchrun
@@ -102,7 +104,7 @@ class ExtensibleTrainer:
         self.frozen: dict[str, Any] = {}
         for name, ncfg in cfg["networks"].items():
             net = build_network(cfg, name, f"networks.{name}").to(device)
-            if ncfg["channels_last"]:
+            if ncfg["channels_last"] is True:  # auto: contiguous until measured
                 net = net.to(memory_format=torch.channels_last)
             self.networks[name] = net
             frozen = ncfg["frozen"]
@@ -429,6 +431,7 @@ class ExtensibleTrainer:
             "bad_total": int(self.bad_total),
             "ema_updates": self.ema.updates if self.ema else 0,
             "steps": steps,
+            **({"speed": self.speed} if self.speed is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any], weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
