@@ -40,8 +40,6 @@ def config(phase: str, variant: str, nf: int, nb: int, hr: int) -> dict[str, Any
                          f"+-joined switches of {SWITCHES}")
     keys = {"channels_last": "cl" in parts, "checkpointing": "ckpt" in parts,
             "compile": "reduce-overhead" if "graphs" in parts else "compile" in parts}
-    if keys["compile"] == "reduce-overhead":  # a plain bool until the trainer takes a compile mode
-        keys["compile"] = True
     networks = {"generator": {"type": "rrdbnet", "nf": nf, "nb": nb, "scale": 4, **keys}}
     generator_losses: dict[str, Any] = {"pix": {"type": "pix", "criterion": "l1", "real": "hq", "fake": "gen",
                                                 "weight": 1.0 if phase == "psnr" else 0.01}}

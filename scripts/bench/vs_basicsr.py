@@ -11,7 +11,8 @@ script puts a one-function stand-in for it into ``sys.modules`` of its own proce
 (nothing is written into either package). Both sides: RRDBNet x4 (BasicSR's ``RRDBNet`` arch vs DLAS's
 ``rrdbnet``: the same layers), L1, Adam (lr 2e-4, betas 0.9/0.99), EMA 0.999, the same in-memory batch; BasicSR
 through ``SRModel.feed_data`` + ``optimize_parameters``, DLAS through ``ExtensibleTrainer.train_step`` of the
-equivalent config. DLAS variants: ``fp32`` (the default), plus ``+cl`` (channels_last) and ``bf16``. Rounds
+equivalent config. DLAS variants: ``fp32`` (the default), plus ``+cl`` (channels_last) and ``bf16``, and ``auto``
+(``precision: auto`` with ``channels_last: auto``: what :mod:`dlas.trainer.speed` measures and picks here). Rounds
 alternate the sides (ABBA) and the ratio is the median of per-round ratios. Target (issue 20): DLAS >= 1.5x
 BasicSR's samples/s on the CPU, >= 2x on a GPU.
 """
@@ -66,11 +67,13 @@ def basicsr_step(sr_model_class: Any, args: argparse.Namespace, batch: dict) -> 
 
 def dlas_step(variant: str, args: argparse.Namespace, batch: dict) -> Callable[[], None]:
     from dlas.config import resolve_config
+    from dlas.trainer import speed
     from dlas.trainer.trainer import ExtensibleTrainer
 
     generator = {"type": "rrdbnet", "nf": args.nf, "nb": args.nb, "gc": 32, "scale": 4,
-                 "channels_last": "+cl" in variant}
-    cfg = {"name": "bench", "precision": "bf16" if variant.startswith("bf16") else "fp32",
+                 "channels_last": "auto" if variant == "auto" else "+cl" in variant}
+    precision = "auto" if variant == "auto" else "bf16" if variant.startswith("bf16") else "fp32"
+    cfg = {"name": "bench", "precision": precision,
            "networks": {"generator": generator},
            "steps": {"generator": {"training": ["generator"],
                                    "optimizer": {"type": "adam", "lr": 2e-4, "betas": [0.9, 0.99]},
@@ -79,8 +82,14 @@ def dlas_step(variant: str, args: argparse.Namespace, batch: dict) -> Callable[[
                                    "losses": {"pix": {"type": "pix", "criterion": "l1", "real": "hq",
                                                       "fake": "gen"}}}},
            "train": {"niter": 10**9, "ema": {"rate": 0.999}}}
+    device = torch.device(args.device)
+    resolved = resolve_config(cfg, training=False)
+    if variant == "auto":  # what a run with precision: auto and channels_last: auto trains with
+        choice, report = speed.measure(resolved, device, batch, lambda c: ExtensibleTrainer(c, device))
+        print(f"dlas auto: {speed.describe(choice)}; {report}")
+        resolved = speed.apply_choice(resolved, choice)
     torch.manual_seed(0)
-    trainer = ExtensibleTrainer(resolve_config(cfg, training=False), torch.device(args.device))
+    trainer = ExtensibleTrainer(resolved, device)
     return lambda: trainer.train_step(batch)
 
 
@@ -105,7 +114,7 @@ def main() -> None:
     parser.add_argument("--nb", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lq", type=int, default=32)
-    parser.add_argument("--variants", nargs="+", default=["fp32", "fp32+cl", "bf16+cl"])
+    parser.add_argument("--variants", nargs="+", default=["fp32", "fp32+cl", "bf16+cl", "auto"])
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--json", help="also write the results here")
