@@ -141,6 +141,13 @@ def test_a_combination_that_cannot_run_is_left_out_with_a_warning(tmp_path, capt
     assert "left out: channels_last (RuntimeError: view size is not compatible" in line
 
 
+def test_a_precision_whose_losses_turn_non_finite_is_left_out(tmp_path, captured):
+    run_dir = run(tmp_path, "nan", channels_last="false", network="test_nan_under_autocast")
+    assert saved_choice(run_dir, 3) == {"precision": "fp32"}
+    line = next(m for m in captured if m.startswith("auto: fp32; measured"))
+    assert "left out: bf16 (FloatingPointError: non-finite losses or gradients)" in line
+
+
 def test_the_measurement_leaves_every_random_generator_as_it_found_it(tmp_path):
     import random
 

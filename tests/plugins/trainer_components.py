@@ -52,6 +52,15 @@ class Flattening(torch.nn.Module):
         return self.head(features.view(len(x), -1)).view(x.shape)
 
 
+@NETWORKS.register("test_nan_under_autocast")
+class NanUnderAutocast(TestConv):
+    """A TestConv whose output is NaN under autocast (a network that bf16 breaks)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out * float("nan") if torch.is_autocast_enabled(x.device.type) else out
+
+
 @DATASETS.register("test_random_pairs")
 class RandomPairs(torch.utils.data.Dataset):
     """``length`` fixed random (lq, hq) pairs of ``size``x``size``; hq is a smooth function of lq."""

@@ -144,49 +144,61 @@ def _seconds_per_step(step: Callable[[], Any], steps: int, device: torch.device)
     return (time.perf_counter() - start) / steps
 
 
+def _failure(choice: Choice, exc: BaseException) -> str:
+    return f"{label(choice)} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+
+
 def measure(cfg: Mapping[str, Any], device: torch.device, batch: Mapping[str, Any],
             make_trainer: Callable[[Mapping[str, Any]], Any]) -> tuple[Choice, str]:
     """Time a training step of every candidate of ``cfg`` on ``batch``; returns the choice and a report line.
 
     ``make_trainer(cfg)`` builds a trainer (the caller's class: this module does not import the trainer). Each
-    candidate's trainer is a throwaway: the weights, optimizers and every RNG are as they were before when this
-    returns.
+    candidate trains a throwaway trainer of its own; every RNG is as it was before when this returns. The
+    defaults (the first candidate) are never left out: where they fail, the run itself would, and where their
+    losses turn non-finite the run's NaN guard deals with it as in any run.
     """
     choices = candidates(cfg, device)
     rng = rng_state()
     steps: dict[int, Callable[[], Any]] = {}
     trainers: dict[int, Any] = {}
-    warm: dict[int, float] = {}
+    times: dict[int, list[float]] = {}
     failed: list[str] = []
+
+    def leave_out(i: int, exc: BaseException) -> None:
+        if i == 0 or isinstance(exc, UserError):
+            raise exc
+        failed.append(_failure(choices[i], exc))
+        for held in (trainers, steps, times):
+            held.pop(i, None)
+
+    def check_finite(i: int) -> None:
+        if i and int(trainers[i].bad_total):
+            raise FloatingPointError("non-finite losses or gradients")
+
     try:
+        warm = 0.0
         for i, choice in enumerate(choices):
             try:
                 probe_cfg = apply_choice(cfg, choice)
                 for ncfg in probe_cfg["networks"].values():
                     ncfg["compile"] = False
-                trainer = make_trainer(probe_cfg)
-                step = (lambda t: lambda: t.train_step(batch))(trainer)
-                warm[i] = min(_seconds_per_step(step, 1, device) for _ in range(WARMUP_STEPS))
-                if int(trainer.bad_total):
-                    raise FloatingPointError("non-finite losses or gradients")
-            except UserError:
-                raise
+                trainers[i] = make_trainer(probe_cfg)
+                steps[i] = (lambda t: lambda: t.train_step(batch))(trainers[i])
+                seconds = min(_seconds_per_step(steps[i], 1, device) for _ in range(WARMUP_STEPS))
+                warm = seconds if i == 0 else warm
+                check_finite(i)
+                times[i] = []
             except Exception as exc:  # noqa: BLE001 (any failure means this combination cannot train this run)
-                if i == 0:
-                    raise  # the defaults: the run itself would fail the same way at its first step
-                failed.append(f"{label(choice)} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
-                continue
-            trainers[i], steps[i] = trainer, step
-        per_round = max(1, min(MAX_ROUND_STEPS, math.ceil(ROUND_SECONDS / max(warm[0], 1e-6))))
-        times: dict[int, list[float]] = {i: [] for i in steps}
-        order = list(steps)
+                leave_out(i, exc)
+        per_round = max(1, min(MAX_ROUND_STEPS, math.ceil(ROUND_SECONDS / max(warm, 1e-6))))
         for r in range(ROUNDS):
+            order = list(times)
             for i in order if r % 2 == 0 else order[::-1]:
-                times[i].append(_seconds_per_step(steps[i], per_round, device))
-        for i, trainer in trainers.items():
-            if int(trainer.bad_total):
-                failed.append(f"{label(choices[i])} (non-finite losses or gradients)")
-                del times[i]
+                try:
+                    times[i].append(_seconds_per_step(steps[i], per_round, device))
+                    check_finite(i)
+                except Exception as exc:  # noqa: BLE001
+                    leave_out(i, exc)
     finally:
         trainers.clear()
         steps.clear()
