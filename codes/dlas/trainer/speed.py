@@ -1,13 +1,13 @@
 """``precision: auto`` and ``networks.NET.channels_last: auto``: chosen by measuring, on this machine, this run.
 
 Whether bf16 or channels_last makes a step faster depends on the processor and on the network: on one 2-core
-CPU bf16 with channels_last made ESRGAN's step 2.8x faster and the diffusion UNet's, in bf16 alone, 13x
+CPU bf16 with channels_last made ESRGAN's step 2.2-2.8x faster and the diffusion UNet's, in bf16 alone, 13x
 slower. So nothing is guessed. Before the first step every combination of the settings left to ``auto`` (fp32
 or bf16; the ``auto`` networks contiguous or channels_last) trains a few steps in a throwaway trainer on a
 full-size batch of the run's own data, in interleaved rounds so that a shared machine's drift hits them alike.
 The fastest wins, except that fp32 and contiguous memory (the defaults, and fp32 is the exact one) stay unless
 the other setting is at least :data:`MARGIN` faster. A combination that fails (an op without a bf16 kernel, a
-``view`` that channels_last breaks) or whose losses turn non-finite is left out, with a warning.
+``view`` that channels_last breaks) or whose losses turn non-finite is left out, and the log line says why.
 
 The run then trains exactly as if its config had said the winner: same seed, same initial weights. The choice is
 logged with the times and saved in every checkpoint's ``state.pt`` (``speed``); a resume reuses it instead of
