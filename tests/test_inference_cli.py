@@ -219,6 +219,17 @@ def test_opt_mode_follows_base_files(tmp_path, capsys):
     assert "sr/psnr" in json.loads((tmp_path / "res" / "metrics.json").read_text())
 
 
+def test_opt_mode_evaluates_a_precision_auto_config_exactly_in_fp32(tmp_path, capsys):
+    cfg = opt_mode_files(tmp_path)
+    scores = {}
+    for precision in ("auto", "fp32"):
+        (tmp_path / "test.yml").write_text(yaml.safe_dump({**cfg, "precision": precision}))
+        out = tmp_path / f"res-{precision}"
+        assert main(["-opt", str(tmp_path / "test.yml"), "--output", str(out)]) == 0, capsys.readouterr().err
+        scores[precision] = json.loads((out / "metrics.json").read_text())
+    assert scores["auto"] == scores["fp32"]
+
+
 def test_opt_mode_needs_weights_only_for_the_networks_its_evaluators_run(tmp_path, capsys):
     cfg = opt_mode_files(tmp_path)  # a training config reused: its discriminator has no weights and isn't evaluated
     cfg["networks"]["discriminator"] = {"type": "eval_tiny_sr", "scale": 1}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -211,21 +210,6 @@ def test_only_folders_named_by_their_step_in_ascii_digits_are_checkpoints(run_di
     assert [step for step, _ in ckpt.list_checkpoints(run_dir)] == [2]
     assert ckpt.latest_valid_checkpoint(run_dir)[0] == 2
     assert sum("not a checkpoint" in m for m in caplog_dlas) == 6
-
-
-@pytest.fixture
-def caplog_dlas():
-    """Messages the ``dlas`` logger emits (it does not propagate to pytest's handler)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    handler = Collect(logging.WARNING)
-    logging.getLogger("dlas").addHandler(handler)
-    yield messages
-    logging.getLogger("dlas").removeHandler(handler)
 
 
 def dead_pid() -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import random
@@ -107,17 +106,6 @@ def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> 
         assert torch.equal(a[key], b[key]), f"{key} differs"
 
 
-class Captured(logging.Handler):
-    """Collects the ``dlas`` logger's messages (it does not propagate to pytest's root handler)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stopped_and_resumed_run_equals_an_uninterrupted_run(tmp_path, workers):
     from dlas.logging.console import setup_logging
@@ -137,19 +125,15 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_run(tmp_path, workers):
     assert all(full_logs[s] == split_logs[s] for s in range(1, 7)), (full_logs, split_logs)
 
 
-def test_a_corrupt_checkpoint_is_skipped_with_a_message(tmp_path):
+def test_a_corrupt_checkpoint_is_skipped_with_a_message(tmp_path, caplog_dlas):
     run_dir = run(tmp_path, "corrupt", 4, save_freq=2)
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 4]
     newest = ckpt.checkpoint_root(run_dir) / "4" / "gen.safetensors"
     newest.write_bytes(newest.read_bytes()[:-10])  # truncated
-    captured = Captured()
-    logging.getLogger("dlas").addHandler(captured)
-    try:
-        found = ckpt.latest_valid_checkpoint(run_dir)
-    finally:
-        logging.getLogger("dlas").removeHandler(captured)
+    caplog_dlas.clear()  # only what finding the checkpoint says
+    found = ckpt.latest_valid_checkpoint(run_dir)
     assert found is not None and found[0] == 2
-    text = "\n".join(captured.messages)
+    text = "\n".join(caplog_dlas)
     assert "gen.safetensors" in text and "manifest" in text
     # an incomplete folder (no manifest) is not a checkpoint at all
     (ckpt.checkpoint_root(run_dir) / "4" / ckpt.MANIFEST).unlink()

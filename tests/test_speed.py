@@ -1,7 +1,6 @@
 """precision: auto and channels_last: auto: measured at the start, then the run is the run its choice names."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
@@ -36,27 +35,6 @@ train:
 logger: {{print_freq: 1, save_checkpoint_freq: 3, keep_checkpoints: 5, tensorboard: false}}
 path: {{root: {root}}}
 """
-
-
-class Captured(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def captured():
-    handler = Captured()
-    logger = logging.getLogger("dlas")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler.messages
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def run(tmp: Path, name: str, niter: int = 4, precision: str = "auto", channels_last: str = "auto",
@@ -108,10 +86,10 @@ def test_only_the_settings_left_to_auto_are_measured():
     assert cfg["networks"]["g"]["channels_last"] == "auto"  # the config itself is left as it was
 
 
-def test_an_auto_run_trains_exactly_as_the_config_naming_its_choice(tmp_path, captured, choose_last):
+def test_an_auto_run_trains_exactly_as_the_config_naming_its_choice(tmp_path, caplog_dlas_info, choose_last):
     auto = run(tmp_path, "auto")
     assert saved_choice(auto, 3) == {"precision": "bf16", "channels_last": {"gen": True}}
-    assert any(m.startswith("auto: bf16, channels_last for gen; measured on a batch of 4") for m in captured)
+    assert any(m.startswith("auto: bf16, channels_last for gen; measured on a batch of 4") for m in caplog_dlas_info)
     named = run(tmp_path, "named", precision="bf16", channels_last="true")
     a, b = weights(auto, 4), weights(named, 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -119,7 +97,7 @@ def test_an_auto_run_trains_exactly_as_the_config_naming_its_choice(tmp_path, ca
     assert not torch.equal(plain["gen/body.0.weight"], a["gen/body.0.weight"])  # the choice did change the run
 
 
-def test_a_resumed_auto_run_reuses_its_choice_and_continues_bit_identically(tmp_path, captured, monkeypatch,
+def test_a_resumed_auto_run_reuses_its_choice_and_continues_bit_identically(tmp_path, caplog_dlas_info, monkeypatch,
                                                                             choose_last):
     full = run(tmp_path, "full", niter=6)
     run(tmp_path, "split", niter=3)
@@ -129,22 +107,22 @@ def test_a_resumed_auto_run_reuses_its_choice_and_continues_bit_identically(tmp_
 
     monkeypatch.setattr(speed, "measure", no_measuring)
     split = run(tmp_path, "split", niter=6)
-    assert "auto: bf16, channels_last for gen, as measured when this run started" in captured
+    assert "auto: bf16, channels_last for gen, as measured when this run started" in caplog_dlas_info
     a, b = weights(full, 6), weights(split, 6)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_combination_that_cannot_run_is_left_out_with_a_warning(tmp_path, captured):
+def test_a_combination_that_cannot_run_is_left_out_and_the_log_says_why(tmp_path, caplog_dlas_info):
     run_dir = run(tmp_path, "flat", precision="fp32", network="test_flattening")
     assert saved_choice(run_dir, 3) == {"channels_last": {"gen": False}}
-    line = next(m for m in captured if m.startswith("auto: contiguous memory"))
+    line = next(m for m in caplog_dlas_info if m.startswith("auto: contiguous memory"))
     assert "left out: channels_last (RuntimeError: view size is not compatible" in line
 
 
-def test_a_precision_whose_losses_turn_non_finite_is_left_out(tmp_path, captured):
+def test_a_precision_whose_losses_turn_non_finite_is_left_out(tmp_path, caplog_dlas_info):
     run_dir = run(tmp_path, "nan", channels_last="false", network="test_nan_under_autocast")
     assert saved_choice(run_dir, 3) == {"precision": "fp32"}
-    line = next(m for m in captured if m.startswith("auto: fp32; measured"))
+    line = next(m for m in caplog_dlas_info if m.startswith("auto: fp32; measured"))
     assert "left out: bf16 (FloatingPointError: non-finite losses or gradients)" in line
 
 

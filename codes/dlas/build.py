@@ -3,7 +3,7 @@
 Training, ``dlas-test``, the evaluators and the scripts all call these, so a network is built, a device and a
 precision are chosen and a run's weights are loaded the same way everywhere:
 
-* :func:`select_device`, :func:`autocast`: ``device:`` and ``precision:``;
+* :func:`select_device`, :func:`autocast`, :func:`concrete_precision`: ``device:`` and ``precision:``;
 * :func:`build_network`, :func:`build_datasets`, :func:`build_evaluators`: the config's sections;
 * :func:`load_pretrained`: ``path.pretrain_model_NET``;
 * :func:`read_run_config`, :func:`select_checkpoint`, :class:`RunNetworks`, :func:`load_trained_network`: a
@@ -53,6 +53,12 @@ def select_device(choice: str = "auto", local_rank: int = 0, option: str = "devi
     if device.type != "cpu":
         raise ConfigError(f"unsupported device '{choice}' (use auto, cpu, cuda or cuda:N)", option)
     return device
+
+
+def concrete_precision(precision: str) -> str:
+    """``precision`` with ``auto`` read as fp32: what ``auto`` means until a training run has measured it
+    (:mod:`dlas.trainer.speed`), and what evaluation outside a run uses, exactly."""
+    return "fp32" if precision == "auto" else precision
 
 
 def autocast(precision: str, device: torch.device, option: str = "precision") -> Callable[[], ContextManager]:

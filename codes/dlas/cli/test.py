@@ -469,8 +469,7 @@ def evaluate_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise ConfigError(cfg.attach_lines(exc.problems)) from None
     root = Path(args.output or paths["results"] or Path("results") / cfg["name"])
-    # precision: auto is measured on a training step; evaluation without --precision runs exactly, in fp32
-    precision = build.autocast(args.precision or cfg["precision"].replace("auto", "fp32"), device)
+    precision = build.autocast(args.precision or build.concrete_precision(cfg["precision"]), device)
 
     def make_context(name: str, step: int) -> EvalContext:
         return EvalContext(networks=networks, datasets=datasets, out_dir=root / name, step=step, device=device,

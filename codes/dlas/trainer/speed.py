@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import logging
 import math
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -27,8 +26,6 @@ import torch
 
 from dlas.errors import UserError
 from dlas.trainer.rng import rng_state, set_rng_state
-
-log = logging.getLogger("dlas")
 
 AUTO = "auto"
 MARGIN = 1.05  # bf16 or channels_last must be this much faster than fp32 / contiguous memory to be chosen
@@ -135,11 +132,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds_per_step(step: Callable[[], Any], steps: int, device: torch.device) -> float:
+def _seconds_per_step(trainer: Any, batch: Mapping[str, Any], steps: int, device: torch.device) -> float:
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step()
+        trainer.train_step(batch)
     _sync(device)
     return (time.perf_counter() - start) / steps
 
@@ -159,7 +156,6 @@ def measure(cfg: Mapping[str, Any], device: torch.device, batch: Mapping[str, An
     """
     choices = candidates(cfg, device)
     rng = rng_state()
-    steps: dict[int, Callable[[], Any]] = {}
     trainers: dict[int, Any] = {}
     times: dict[int, list[float]] = {}
     failed: list[str] = []
@@ -168,8 +164,8 @@ def measure(cfg: Mapping[str, Any], device: torch.device, batch: Mapping[str, An
         if i == 0 or isinstance(exc, UserError):
             raise exc
         failed.append(_failure(choices[i], exc))
-        for held in (trainers, steps, times):
-            held.pop(i, None)
+        trainers.pop(i, None)
+        times.pop(i, None)
 
     def check_finite(i: int) -> None:
         if i and int(trainers[i].bad_total):
@@ -183,9 +179,9 @@ def measure(cfg: Mapping[str, Any], device: torch.device, batch: Mapping[str, An
                 for ncfg in probe_cfg["networks"].values():
                     ncfg["compile"] = False
                 trainers[i] = make_trainer(probe_cfg)
-                steps[i] = (lambda t: lambda: t.train_step(batch))(trainers[i])
-                seconds = min(_seconds_per_step(steps[i], 1, device) for _ in range(WARMUP_STEPS))
-                warm = seconds if i == 0 else warm
+                seconds = min(_seconds_per_step(trainers[i], batch, 1, device) for _ in range(WARMUP_STEPS))
+                if i == 0:
+                    warm = seconds
                 check_finite(i)
                 times[i] = []
             except Exception as exc:  # noqa: BLE001 (any failure means this combination cannot train this run)
@@ -195,13 +191,12 @@ def measure(cfg: Mapping[str, Any], device: torch.device, batch: Mapping[str, An
             order = list(times)
             for i in order if r % 2 == 0 else order[::-1]:
                 try:
-                    times[i].append(_seconds_per_step(steps[i], per_round, device))
+                    times[i].append(_seconds_per_step(trainers[i], batch, per_round, device))
                     check_finite(i)
                 except Exception as exc:  # noqa: BLE001
                     leave_out(i, exc)
     finally:
         trainers.clear()
-        steps.clear()
         set_rng_state(rng)
     median = {i: sorted(t)[len(t) // 2] for i, t in times.items()}
     best = pick(median, choices)

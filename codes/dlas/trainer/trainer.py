@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from dlas.build import autocast, build_network
+from dlas.build import autocast, build_network, concrete_precision
 from dlas.context import Context
 from dlas.errors import ConfigError, Problem, UserError, did_you_mean
 from dlas.trainer import fsdp
@@ -89,7 +89,7 @@ class ExtensibleTrainer:
         self.device = device
         train = cfg["train"]
         # auto (dlas.trainer.speed) is measured before the run's trainer is built; until then it means the defaults
-        self.precision = "fp32" if cfg["precision"] == "auto" else cfg["precision"]
+        self.precision = concrete_precision(cfg["precision"])
         self.speed: Optional[dict[str, Any]] = None  # what auto chose, saved with each checkpoint
         self.autocast = autocast(self.precision, device)
         self.mega_batch_factor = train["mega_batch_factor"]
